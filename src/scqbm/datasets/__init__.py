@@ -1,0 +1,1 @@
+"""Real-data loaders (with checksums) and the simulator."""

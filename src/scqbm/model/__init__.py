@@ -1,0 +1,3 @@
+from ._qbmvae import QBMVAE
+
+__all__ = ["QBMVAE"]

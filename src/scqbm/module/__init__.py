@@ -1,0 +1,3 @@
+from ._qbmvae import QBMVAEModule
+
+__all__ = ["QBMVAEModule"]

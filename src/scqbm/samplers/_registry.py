@@ -1,0 +1,39 @@
+"""Registry of sampler backends, so that ``QBMVAE(sampler="name", sampler_kwargs={...})``
+stays a plain, picklable constructor argument."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ._base import BoltzmannSampler
+from ._gibbs import GibbsSampler
+
+# name -> factory(n_units, **kwargs)
+_SAMPLERS: dict[str, Callable[..., BoltzmannSampler]] = {}
+
+
+def register_sampler(name: str, factory: Callable[..., BoltzmannSampler]) -> None:
+    """Register ``factory(n_units, **kwargs) -> BoltzmannSampler`` under ``name``."""
+    _SAMPLERS[name] = factory
+
+
+def available_samplers() -> list[str]:
+    """Names accepted by ``QBMVAE(sampler=...)``."""
+    return sorted(_SAMPLERS)
+
+
+def make_sampler(name: str, n_units: int, **kwargs) -> BoltzmannSampler:
+    """Instantiate the backend registered under ``name`` for a prior of ``n_units`` units."""
+    try:
+        factory = _SAMPLERS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown sampler {name!r}; available: {available_samplers()}."
+        ) from None
+    try:
+        return factory(n_units, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"Invalid `sampler_kwargs` for sampler {name!r}: {err}") from err
+
+
+register_sampler(GibbsSampler.name, GibbsSampler)

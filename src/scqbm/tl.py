@@ -1,0 +1,1 @@
+"""Scanpy-style functions."""

@@ -1,0 +1,3 @@
+from ._plan import QBMTrainingPlan
+
+__all__ = ["QBMTrainingPlan"]

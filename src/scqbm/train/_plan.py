@@ -1,0 +1,117 @@
+"""QBMTrainingPlan: scvi's TrainingPlan plus the negative phase of the Boltzmann prior."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from scvi.train import TrainingPlan
+
+from scqbm.samplers import SamplerError
+
+logger = logging.getLogger(__name__)
+
+
+class QBMTrainingPlan(TrainingPlan):
+    """Training plan for :class:`~scqbm.module.QBMVAEModule`.
+
+    On every training step, before the forward pass, it draws negative-phase samples of the
+    prior outside autograd and hands them to the module's loss; it keeps the stored value of
+    log Z current (every step when it is exact, else once per epoch and before validation,
+    never more than once per optimizer step); and it gives the prior its own learning rate and
+    weight decay.
+
+    Parameters
+    ----------
+    module
+        A :class:`~scqbm.module.QBMVAEModule`.
+    lr_prior
+        Learning rate of the prior's fields and couplings (default: ``lr``).
+    weight_decay_prior
+        Weight decay (L2) of the prior's parameters; keeps couplings, hence sampling, tame.
+    log_partition_every_n_steps
+        Refresh period of log Z in optimizer steps; ``None``: every step when log Z is exact,
+        else per epoch.
+    **kwargs
+        :class:`~scvi.train.TrainingPlan` arguments (``lr``, ``n_epochs_kl_warmup``, ...).
+    """
+
+    def __init__(
+        self,
+        module,
+        *,
+        lr_prior: float | None = None,
+        weight_decay_prior: float = 1e-4,
+        log_partition_every_n_steps: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(module, **kwargs)
+        self.lr_prior = lr_prior
+        self.weight_decay_prior = weight_decay_prior
+        if log_partition_every_n_steps is None:
+            log_partition_every_n_steps = 1 if module.exact_log_partition else 0
+        self.log_partition_every_n_steps = log_partition_every_n_steps
+        self._log_z_step = -1  # global step at which log Z was last computed
+        self._sampler_seconds = 0.0
+
+    # ------------------------------------------------------------------ log Z
+    def _refresh_log_z(self) -> None:
+        if self._log_z_step == self.global_step:
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            self.module.refresh_log_partition()
+        self._log_z_step = self.global_step
+
+    def on_train_epoch_start(self) -> None:
+        self._refresh_log_z()
+
+    def on_validation_epoch_start(self) -> None:
+        self._refresh_log_z()
+
+    def on_train_end(self) -> None:
+        # The final estimate is what query methods report: spend more on it.
+        with torch.inference_mode(False), torch.no_grad():
+            if self.module.exact_log_partition:
+                self.module.refresh_log_partition()
+            else:
+                self.module.refresh_log_partition(n_chains=1024, n_betas=1000)
+
+    # ---------------------------------------------------------- training step
+    def training_step(self, batch, batch_idx):
+        """Draw negative samples, keep log Z current, then scvi's training step."""
+        every = self.log_partition_every_n_steps
+        if every and self.global_step % every == 0:
+            self._refresh_log_z()
+        try:
+            sample_set = self.module.sample_negative_phase()
+        except Exception as err:  # re-raised with context, never swallowed
+            raise SamplerError(
+                f"Sampler {self.module.sampler_name!r} failed at training step "
+                f"{self.global_step} (epoch {self.current_epoch}): {type(err).__name__}: {err}"
+            ) from err
+        self.loss_kwargs["negative_samples"] = sample_set.samples
+        self.log("sampler_seconds", sample_set.info["seconds"], on_step=False, on_epoch=True, reduce_fx="sum")
+        try:
+            return super().training_step(batch, batch_idx)
+        finally:
+            # Validation and query-time losses must not see stale training samples.
+            self.loss_kwargs.pop("negative_samples", None)
+
+    # -------------------------------------------------------------- optimizer
+    def configure_optimizers(self):
+        """scvi's optimizer, with the prior's parameters moved to their own group."""
+        config = super().configure_optimizers()
+        optimizer = config["optimizer"]
+        prior_params = [p for p in self.module.prior.parameters() if p.requires_grad]
+        prior_ids = {id(p) for p in prior_params}
+        main = optimizer.param_groups[0]
+        main["params"] = [p for p in main["params"] if id(p) not in prior_ids]
+        if prior_params:
+            optimizer.add_param_group(
+                {
+                    "params": prior_params,
+                    "lr": self.lr if self.lr_prior is None else self.lr_prior,
+                    "weight_decay": self.weight_decay_prior,
+                }
+            )
+        return config
