@@ -90,12 +90,23 @@ class QBMTrainingPlan(TrainingPlan):
                 f"{self.global_step} (epoch {self.current_epoch}): {type(err).__name__}: {err}"
             ) from err
         self.loss_kwargs["negative_samples"] = sample_set.samples
-        self.log("sampler_seconds", sample_set.info["seconds"], on_step=False, on_epoch=True, reduce_fx="sum")
+        self._log_sampler_info(sample_set.info)
         try:
             return super().training_step(batch, batch_idx)
         finally:
             # Validation and query-time losses must not see stale training samples.
             self.loss_kwargs.pop("negative_samples", None)
+
+    def _log_sampler_info(self, info: dict) -> None:
+        """Per-epoch sampler diagnostics in the history: wall time, fallbacks, temperature."""
+        log = dict(on_step=False, on_epoch=True)
+        self.log("sampler_seconds", float(info["seconds"]), reduce_fx="sum", **log)
+        # A backend that fell back to another sampler says so; it is counted, never hidden.
+        if "fallback" in info:
+            self.log("sampler_fallbacks", float(info["fallback"]), reduce_fx="sum", **log)
+        # Calibrated annealers report the effective inverse temperature they estimated.
+        if info.get("effective_beta") is not None:
+            self.log("sampler_effective_beta", float(info["effective_beta"]), **log)
 
     # -------------------------------------------------------------- optimizer
     def configure_optimizers(self):

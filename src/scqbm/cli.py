@@ -1,0 +1,228 @@
+"""The ``scqbm`` command: ``integrate``, ``benchmark`` and ``serve-sampler``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_EPOCHS = 30
+
+
+def _add_integrate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "integrate",
+        help="Train QBMVAE on an .h5ad file and write the embedding into it.",
+        description=(
+            "Train QBMVAE and write obsm[KEY] (embedding), obs['qbmvae_energy'] and, unless "
+            "--no-umap, a UMAP of the embedding. Without INPUT, uses the Kang 2018 IFN-beta "
+            "PBMCs (2,000 HVGs, batch 'stim')."
+        ),
+    )
+    p.add_argument("input", nargs="?", help="Input .h5ad (raw counts in X or --layer).")
+    p.add_argument("--out", "-o", default="out/qbmvae.h5ad", help="Output .h5ad (default: %(default)s).")
+    p.add_argument("--batch-key", help="obs column with the batch (default dataset: stim).")
+    p.add_argument("--labels-key", help="obs column with cell-type labels (optional).")
+    p.add_argument("--layer", help="Layer with raw counts (default: X).")
+    p.add_argument("--genes-key", help="Boolean var column selecting genes (e.g. highly_variable).")
+    p.add_argument("--n-top-genes", type=int, help="Select this many seurat_v3 HVGs on the counts first.")
+    p.add_argument("--key-added", default="X_qbmvae", help="obsm key (default: %(default)s).")
+    p.add_argument("--max-epochs", type=int, default=DEFAULT_EPOCHS, help="Epochs (default: %(default)s).")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--n-latent", type=int, default=32, help="Binary latent units (default: %(default)s).")
+    p.add_argument("--prior", choices=["rbm", "bm"], default="rbm")
+    p.add_argument("--relaxation", choices=["spike_exp", "overlapping_exp"], default="spike_exp")
+    p.add_argument("--gene-likelihood", choices=["zinb", "nb", "poisson", "normal"], default="zinb")
+    p.add_argument("--sampler", default="gibbs", help="Negative-phase sampler backend.")
+    p.add_argument("--sampler-kwargs", type=json.loads, default=None, help="JSON dict for the sampler.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-cells", type=int, help="Randomly subsample to this many cells first.")
+    p.add_argument("--no-umap", action="store_true", help="Skip neighbors + UMAP.")
+    p.add_argument("--plot", help="Save a UMAP figure (PNG) coloured by batch (and labels).")
+    p.add_argument("--save-model", help="Directory to save the trained model in.")
+    p.set_defaults(func=_run_integrate)
+
+
+def _load_input(args):
+    import anndata as ad
+
+    from scqbm import datasets
+
+    if args.input is None:
+        adata = datasets.kang_ifnb()
+        args.batch_key = args.batch_key or datasets.KANG_BATCH_KEY
+        args.labels_key = args.labels_key or datasets.KANG_LABELS_KEY
+        if args.genes_key is None and args.n_top_genes is None:
+            args.genes_key = datasets.KANG_HVG_KEY
+        source = "Kang 2018 IFN-beta PBMCs (scqbm.datasets.kang_ifnb)"
+    else:
+        if not Path(args.input).exists():
+            raise SystemExit(f"scqbm integrate: input file {args.input!r} does not exist.")
+        adata = ad.read_h5ad(args.input)
+        source = args.input
+    return adata, source
+
+
+def _select_genes(adata, args):
+    import numpy as np
+    import scanpy as sc
+
+    if args.genes_key is not None:
+        if args.genes_key not in adata.var:
+            raise SystemExit(
+                f"scqbm integrate: --genes-key {args.genes_key!r} is not a column of var "
+                f"(available: {list(adata.var.columns)[:15]})."
+            )
+        return adata[:, np.asarray(adata.var[args.genes_key], dtype=bool)].copy()
+    if args.n_top_genes is not None:
+        sc.pp.highly_variable_genes(
+            adata, n_top_genes=args.n_top_genes, flavor="seurat_v3", layer=args.layer,
+            batch_key=args.batch_key, subset=True,
+        )
+    return adata
+
+
+def _run_integrate(args) -> int:
+    import numpy as np
+
+    from scqbm import tl
+
+    started = time.perf_counter()
+    adata, source = _load_input(args)
+    if args.max_cells is not None and args.max_cells < adata.n_obs:
+        rng = np.random.default_rng(args.seed)
+        adata = adata[np.sort(rng.choice(adata.n_obs, args.max_cells, replace=False))].copy()
+    adata = _select_genes(adata, args)
+    print(f"scqbm integrate: {adata.n_obs:,} cells x {adata.n_vars:,} genes from {source}", flush=True)
+    model = tl.integrate(
+        adata,
+        batch_key=args.batch_key,
+        layer=args.layer,
+        labels_key=args.labels_key,
+        key_added=args.key_added,
+        max_epochs=args.max_epochs,
+        seed=args.seed,
+        model_kwargs={
+            "n_latent": args.n_latent,
+            "prior": args.prior,
+            "relaxation": args.relaxation,
+            "gene_likelihood": args.gene_likelihood,
+            "sampler": args.sampler,
+            "sampler_kwargs": args.sampler_kwargs,
+        },
+        train_kwargs={"batch_size": args.batch_size},
+    )
+    trained = time.perf_counter()
+    if not args.no_umap:
+        import scanpy as sc
+
+        sc.pp.neighbors(adata, use_rep=args.key_added)
+        sc.tl.umap(adata, random_state=args.seed)
+        if args.plot:
+            _plot(adata, args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(out)
+    if args.save_model:
+        model.save(args.save_model, overwrite=True)
+    _summary(model, adata, args, out, started, trained)
+    return 0
+
+
+def _plot(adata, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import scanpy as sc
+
+    colors = [c for c in (args.batch_key, args.labels_key) if c is not None]
+    fig = sc.pl.umap(adata, color=colors or None, show=False, return_fig=True, frameon=False)
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.plot, dpi=110, bbox_inches="tight")
+
+
+def _summary(model, adata, args, out, started, trained) -> None:
+    import numpy as np
+
+    history = model.history
+    elbo = history["elbo_train"].iloc[-1, 0] if "elbo_train" in history else float("nan")
+    log_z = model.get_log_partition()
+    energy = adata.obs["qbmvae_energy"]
+    n_epochs = len(history["elbo_train"]) if "elbo_train" in history else args.max_epochs
+    train_seconds = trained - started
+    lines = [
+        "",
+        "scqbm integrate: done",
+        f"  cells x genes        {adata.n_obs:,} x {adata.n_vars:,}",
+        f"  batches              {adata.obs[args.batch_key].nunique() if args.batch_key else 1}",
+        f"  epochs               {n_epochs} ({model.module.prior.structure} prior, "
+        f"{model.module.prior.n_units} binary units, sampler {args.sampler})",
+        f"  load + train time    {train_seconds:,.1f} s",
+        f"  final train ELBO     {-elbo:,.2f} per cell (higher is better)",
+        f"  log Z                {log_z.value:.4f} +/- {log_z.stderr:.4f} ({log_z.method})",
+        f"  cell energy          median {np.median(energy):.3f}, range [{energy.min():.3f}, {energy.max():.3f}]",
+        f"  wrote                {out} (obsm[{args.key_added!r}], obs['qbmvae_energy']"
+        + ("" if args.no_umap else ", obsm['X_umap']") + ")",
+    ]
+    if args.plot and not args.no_umap:
+        lines.append(f"  figure               {args.plot}")
+    if args.save_model:
+        lines.append(f"  model                {args.save_model}")
+    print("\n".join(lines), flush=True)
+
+
+def _add_serve_sampler(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve-sampler",
+        help="Serve a Boltzmann sampler backend over HTTP (for the 'remote' sampler).",
+    )
+    try:
+        from scqbm.samplers.service import add_serve_arguments, run_serve
+    except ImportError:  # the service module is optional until its extra is installed
+        p.set_defaults(func=lambda args: _missing("service"))
+        return
+    add_serve_arguments(p)
+    p.set_defaults(func=run_serve)
+
+
+def _add_benchmark(subparsers) -> None:
+    p = subparsers.add_parser("benchmark", help="Run the evidence suite (scqbm.benchmark).")
+    try:
+        from scqbm.benchmark import add_benchmark_arguments, run_benchmark
+    except ImportError:
+        p.set_defaults(func=lambda args: _missing("benchmark"))
+        return
+    add_benchmark_arguments(p)
+    p.set_defaults(func=run_benchmark)
+
+
+def _missing(what: str) -> int:
+    print(f"scqbm: the {what} command is not available in this installation.", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``scqbm`` command."""
+    parser = argparse.ArgumentParser(
+        prog="scqbm", description="Boltzmann-machine priors for single-cell VAEs (QBM-VAE)."
+    )
+    from scqbm import __version__
+
+    parser.add_argument("--version", action="version", version=f"scqbm {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_integrate(subparsers)
+    _add_benchmark(subparsers)
+    _add_serve_sampler(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``scqbm`` command."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
