@@ -470,6 +470,17 @@ class QBMVAE(
         out.obsm["z_binary"] = z.cpu().numpy().astype(np.int8)
         return out
 
+    def get_normalized_expression(self, *args, weights: str | None = None, **kwargs):
+        """Normalised expression, as :meth:`scvi.model.SCVI.get_normalized_expression`.
+
+        All of SCVI's arguments (``transform_batch``, ``n_samples``, ``library_size``,
+        ``gene_list``, ...) work the same way; ``weights="importance"`` is not available for the
+        Boltzmann prior (use the default uniform weights).
+        """
+        if weights == "importance":
+            self.get_importance_weights()
+        return super().get_normalized_expression(*args, weights=weights, **kwargs)
+
     def get_importance_weights(self, *args, **kwargs):
         """Not available: scvi's importance weights assume a Gaussian latent.
 

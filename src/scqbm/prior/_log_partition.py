@@ -8,6 +8,7 @@ with the same fields to the full machine, with a delta-method standard error.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -46,6 +47,12 @@ def enumerate_states(n: int, device=None, dtype=torch.float32, start: int = 0, s
     return ((codes.unsqueeze(-1) >> bits) & 1).to(dtype)
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_chunk(n: int, device: torch.device, dtype: torch.dtype, start: int, stop: int):
+    # Training refreshes an exact log Z every step: building the states dominated its cost.
+    return enumerate_states(n, device, dtype, start, stop)
+
+
 def n_enumerated_units(n_units: int, n_visible: int | None) -> int:
     """How many units exact enumeration has to visit."""
     if n_visible is None:
@@ -76,7 +83,7 @@ def exact_log_partition(
         )
     chunks = []
     for start in range(0, 2**k, _CHUNK):
-        s = enumerate_states(k, h.device, h.dtype, start, min(start + _CHUNK, 2**k))
+        s = _cached_chunk(k, h.device, h.dtype, start, min(start + _CHUNK, 2**k))
         if n_visible is None:
             chunks.append(torch.logsumexp(s @ h + ((s @ W) * s).sum(-1), dim=0))
             continue

@@ -1,0 +1,101 @@
+"""The prior's maths against brute-force enumeration (<= 16 units)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import random_problem
+
+from scqbm.prior import (
+    BoltzmannPrior,
+    LatentTooLargeError,
+    ais_log_partition,
+    enumerate_states,
+    exact_distribution,
+    exact_log_partition,
+)
+
+
+def brute_force_log_z(h, W):
+    states = enumerate_states(h.shape[0], dtype=torch.float64)
+    h, W = h.double(), W.double()
+    energies = -(states @ h) - ((states @ W) * states).sum(-1)
+    return torch.logsumexp(-energies, 0)
+
+
+@pytest.mark.parametrize("structure", ["bm", "rbm"])
+def test_coupling_matrix_is_symmetric_zero_diagonal_and_structured(structure):
+    prior = random_problem(10, structure)
+    W = prior.coupling_matrix()
+    assert torch.equal(W, W.T)
+    assert torch.all(W.diagonal() == 0)
+    if structure == "rbm":
+        nv = prior.n_visible
+        assert torch.all(W[:nv, :nv] == 0) and torch.all(W[nv:, nv:] == 0)
+        assert torch.count_nonzero(W[:nv, nv:]) == nv * (10 - nv)
+
+
+def test_energy_matches_definition_pairwise_sum():
+    prior = random_problem(7, "bm")
+    W = prior.coupling_matrix().double()
+    z = enumerate_states(7, dtype=torch.float64)
+    pairwise = sum(2 * W[i, j] * z[:, i] * z[:, j] for i in range(7) for j in range(i + 1, 7))
+    expected = -(z @ prior.h.double()) - pairwise
+    assert torch.allclose(prior.energy(z.float()).double(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("structure,n", [("bm", 12), ("rbm", 14), ("rbm", 9)])
+def test_exact_log_partition_matches_enumeration(structure, n):
+    prior = random_problem(n, structure, scale=0.8, seed=n)
+    expected = brute_force_log_z(prior.h, prior.coupling_matrix())
+    assert prior.log_partition_exact().item() == pytest.approx(expected.item(), abs=1e-4)
+    estimate = prior.log_partition("exact")
+    assert estimate.stderr == 0.0 and estimate.method == "exact"
+
+
+def test_rbm_enumerates_the_smaller_side():
+    prior = BoltzmannPrior(10, structure="rbm", n_visible=7, init_scale=0.7)
+    expected = brute_force_log_z(prior.h, prior.coupling_matrix())
+    assert prior.log_partition_exact().item() == pytest.approx(expected.item(), abs=1e-4)
+    # 40 units split 20/20 are still exact; a 30-unit dense machine is not.
+    assert BoltzmannPrior(40, "rbm").can_enumerate()
+    assert not BoltzmannPrior(30, "bm").can_enumerate()
+
+
+def test_exact_log_partition_gradient_is_minus_expected_energy_gradient():
+    # d log Z / d h = E_p[z]; d log Z / d W_ij = E_p[z_i z_j] (times 2 for the pair).
+    prior = random_problem(8, "bm", scale=0.6, seed=3)
+    log_z = prior.log_partition_exact()
+    grad_h, = torch.autograd.grad(log_z, prior.h)
+    states, probs = exact_distribution(prior.h.detach(), prior.coupling_matrix().detach())
+    assert torch.allclose(grad_h, probs @ states, atol=1e-5)
+
+
+def test_too_large_exact_is_a_clear_error():
+    prior = BoltzmannPrior(24, "bm")
+    with pytest.raises(LatentTooLargeError, match="ais"):
+        prior.log_partition("exact")
+
+
+@pytest.mark.parametrize("structure", ["bm", "rbm"])
+def test_ais_agrees_with_exact_within_its_standard_error(structure):
+    prior = random_problem(14, structure, scale=0.6, seed=11)
+    exact = prior.log_partition_exact().item()
+    generator = torch.Generator().manual_seed(0)
+    estimate = ais_log_partition(
+        prior.h, prior.coupling_matrix(), prior.n_visible, n_chains=512, n_betas=300,
+        generator=generator,
+    )
+    assert estimate.stderr > 0
+    # AIS is unbiased in Z, slightly biased low in log Z; allow 5 standard errors + 0.02.
+    assert abs(estimate.value - exact) < 5 * estimate.stderr + 0.02
+
+
+def test_auto_uses_ais_beyond_enumeration():
+    prior = BoltzmannPrior(26, "bm", init_scale=0.05)
+    estimate = prior.log_partition("auto", n_chains=64, n_betas=50)
+    assert estimate.method == "ais"
+    # Weak couplings: log Z is close to that of the factorial machine, 26 log 2.
+    assert estimate.value == pytest.approx(26 * math.log(2), abs=0.5)
