@@ -24,7 +24,10 @@ def adata():
 
 def snapshot(adata):
     return (
-        adata.X.copy(), adata.obs.copy(), list(adata.uns.keys()), list(adata.obsm.keys()),
+        adata.X.copy(),
+        adata.obs.copy(),
+        list(adata.uns.keys()),
+        list(adata.obsm.keys()),
         {k: v.copy() for k, v in adata.layers.items()},
     )
 
@@ -112,7 +115,7 @@ def test_categories_that_do_not_match_on_load(adata, tmp_path):
     model.save(tmp_path / "m")
     new = adata.copy()
     new.obs["batch"] = new.obs["batch"].astype(str).replace({"batch_0": "batch_9"})
-    with pytest.raises(ValueError, match="batch_9|categor"):
+    with pytest.raises(ValueError, match=r"batch_9|categor"):
         QBMVAE.load(tmp_path / "m", adata=new)
 
 
@@ -121,7 +124,12 @@ class _FailingSampler(BoltzmannSampler):
 
     def __init__(self, n_units, fail_after=2, num_chains=16):
         super().__init__()
-        self.n_units, self.fail_after, self.num_chains, self.calls = n_units, fail_after, num_chains, 0
+        self.n_units, self.fail_after, self.num_chains, self.calls = (
+            n_units,
+            fail_after,
+            num_chains,
+            0,
+        )
 
     def _sample(self, h, W, num_reads, n_visible):
         self.calls += 1
@@ -133,8 +141,12 @@ class _FailingSampler(BoltzmannSampler):
 def test_sampler_failure_mid_training_names_sampler_and_step(adata):
     register_sampler(_FailingSampler.name, _FailingSampler)
     QBMVAE.setup_anndata(adata, batch_key="batch")
-    model = QBMVAE(adata, n_latent=4, sampler=_FailingSampler.name, sampler_kwargs={"fail_after": 2})
-    with pytest.raises(SamplerError, match=r"failing_for_test.*step 2.*ConnectionError: device went away"):
+    model = QBMVAE(
+        adata, n_latent=4, sampler=_FailingSampler.name, sampler_kwargs={"fail_after": 2}
+    )
+    with pytest.raises(
+        SamplerError, match=r"failing_for_test.*step 2.*ConnectionError: device went away"
+    ):
         model.train(max_epochs=3, enable_progress_bar=False)
 
 

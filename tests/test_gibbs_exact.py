@@ -19,7 +19,10 @@ def exact_moments(h, W):
 
 def collect(sampler, prior, n_calls):
     h, W = prior.h.detach(), prior.coupling_matrix().detach()
-    draws = [sampler.sample(h, W, sampler.num_chains, n_visible=prior.n_visible).samples for _ in range(n_calls)]
+    draws = [
+        sampler.sample(h, W, sampler.num_chains, n_visible=prior.n_visible).samples
+        for _ in range(n_calls)
+    ]
     return torch.cat(draws).double()
 
 
@@ -28,7 +31,9 @@ def test_persistent_gibbs_matches_enumeration(structure, n):
     prior = random_problem(n, structure, scale=0.5, seed=5)
     sampler = GibbsSampler(n, num_chains=2000, num_sweeps=3, burn_in=200, seed=0)
     samples = collect(sampler, prior, n_calls=10)
-    states, probs, marginals, second = exact_moments(prior.h.detach(), prior.coupling_matrix().detach())
+    states, probs, marginals, second = exact_moments(
+        prior.h.detach(), prior.coupling_matrix().detach()
+    )
     # Chains are independent; successive calls of one chain are correlated, so count each
     # chain's 10 draws as 5 effective samples (3 sweeps apart, well mixed at this coupling).
     n_eff = 2000 * 5

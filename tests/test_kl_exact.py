@@ -28,7 +28,9 @@ def brute_force_kl(module, logits):
     W = module.prior.coupling_matrix().double()
     log_p_unnorm = states @ h + ((states @ W) * states).sum(-1)
     log_p = log_p_unnorm - torch.logsumexp(log_p_unnorm, 0)
-    log_q = torch.distributions.Bernoulli(logits=logits.double().unsqueeze(1)).log_prob(states).sum(-1)
+    log_q = (
+        torch.distributions.Bernoulli(logits=logits.double().unsqueeze(1)).log_prob(states).sum(-1)
+    )
     return (log_q.exp() * (log_q - log_p)).sum(-1)
 
 
@@ -45,9 +47,9 @@ def test_kl_value_is_exact(prior):
 def test_kl_gradient_wrt_encoder_logits_is_exact(prior):
     module = make_module(prior)
     logits = (torch.randn(4, N_LATENT) * 1.5).requires_grad_()
-    ours, = torch.autograd.grad(module.kl_divergence_z(logits).sum(), logits)
+    (ours,) = torch.autograd.grad(module.kl_divergence_z(logits).sum(), logits)
     logits64 = logits.detach().double().requires_grad_()
-    exact, = torch.autograd.grad(brute_force_kl(module, logits64).sum(), logits64)
+    (exact,) = torch.autograd.grad(brute_force_kl(module, logits64).sum(), logits64)
     assert torch.allclose(ours.double(), exact, atol=1e-4)
 
 
@@ -61,7 +63,9 @@ def test_kl_gradient_wrt_prior_from_negative_samples(prior):
 
     exact = torch.autograd.grad(brute_force_kl(module, logits.double()).sum(), params)
 
-    states, probs = exact_distribution(module.prior.h.detach(), module.prior.coupling_matrix().detach())
+    states, probs = exact_distribution(
+        module.prior.h.detach(), module.prior.coupling_matrix().detach()
+    )
     generator = torch.Generator().manual_seed(0)
     n_samples = 100_000
     samples = states[torch.multinomial(probs, n_samples, replacement=True, generator=generator)]

@@ -43,10 +43,19 @@ def test_same_calls_as_scvi(adata):
 
 def test_training_history_and_repr(trained, capsys):
     history = trained.history
-    for key in ("elbo_train", "elbo_validation", "reconstruction_loss_train", "kl_local_train",
-                "log_z_train", "sampler_seconds"):
+    for key in (
+        "elbo_train",
+        "elbo_validation",
+        "reconstruction_loss_train",
+        "kl_local_train",
+        "log_z",
+        "log_z_stderr",
+        "sampler_seconds",
+        "sampler_fallbacks",
+    ):
         assert key in history, key
-    assert len(history["elbo_train"]) == 3
+    assert len(history["elbo_train"]) == 3 and len(history["log_z"]) == 3
+    assert (history["sampler_fallbacks"].to_numpy(dtype=float) == 0).all()
     # The logged log Z is the real (exact) value, not the gradient surrogate.
     exact = trained.module.prior.log_partition_exact().item()
     assert trained.get_log_partition().value == pytest.approx(exact, abs=1e-4)
@@ -70,7 +79,9 @@ def test_latent_representation_variants(trained, adata):
 
 
 def test_expression_de_and_predictive(trained, adata):
-    expr = trained.get_normalized_expression(n_samples=3, transform_batch="batch_1", library_size=1e4)
+    expr = trained.get_normalized_expression(
+        n_samples=3, transform_batch="batch_1", library_size=1e4
+    )
     assert isinstance(expr, pd.DataFrame) and expr.shape == adata.shape
     np.testing.assert_allclose(expr.sum(1), 1e4, rtol=1e-3)
     latent_lib = trained.get_normalized_expression(library_size="latent", return_numpy=True)
@@ -156,7 +167,9 @@ def test_scarches_query_mapping(trained, adata):
 def test_tl_integrate_writes_only_results(adata):
     before_obs = list(adata.obs.columns)
     before_uns = set(adata.uns)
-    model = scqbm.tl.integrate(adata, batch_key="batch", max_epochs=2, model_kwargs={"n_latent": 8})
+    model = scqbm.tl.integrate(
+        adata, batch_key="batch", max_epochs=2, model_kwargs={"n_latent": 8}
+    )
     assert adata.obsm["X_qbmvae"].shape == (adata.n_obs, 8)
     assert list(adata.obs.columns) == [*before_obs, "qbmvae_energy"]
     assert set(adata.uns) - before_uns == {"qbmvae"}
@@ -170,7 +183,9 @@ def test_other_likelihoods_and_dense_prior(adata, likelihood, prior):
     if likelihood == "normal":
         data.X = np.log1p(data.X / data.X.sum(1, keepdims=True) * 1e4)
     QBMVAE.setup_anndata(data, batch_key="batch")
-    model = QBMVAE(data, n_latent=6, gene_likelihood=likelihood, prior=prior, relaxation="overlapping_exp")
+    model = QBMVAE(
+        data, n_latent=6, gene_likelihood=likelihood, prior=prior, relaxation="overlapping_exp"
+    )
     model.train(max_epochs=2, enable_progress_bar=False)
     assert np.isfinite(model.history["elbo_train"].to_numpy(dtype=float)).all()
     assert model.get_latent_representation().shape == (data.n_obs, 6)
@@ -179,7 +194,10 @@ def test_other_likelihoods_and_dense_prior(adata, likelihood, prior):
 def test_learned_library_size_and_ais_log_partition(adata):
     QBMVAE.setup_anndata(adata, batch_key="batch")
     model = QBMVAE(
-        adata, n_latent=24, prior="bm", use_observed_lib_size=False,
+        adata,
+        n_latent=24,
+        prior="bm",
+        use_observed_lib_size=False,
         ais_kwargs={"n_chains": 64, "n_betas": 50},
     )
     assert not model.module.exact_log_partition

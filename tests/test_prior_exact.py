@@ -14,7 +14,6 @@ from scqbm.prior import (
     ais_log_partition,
     enumerate_states,
     exact_distribution,
-    exact_log_partition,
 )
 
 
@@ -68,7 +67,7 @@ def test_exact_log_partition_gradient_is_minus_expected_energy_gradient():
     # d log Z / d h = E_p[z]; d log Z / d W_ij = E_p[z_i z_j] (times 2 for the pair).
     prior = random_problem(8, "bm", scale=0.6, seed=3)
     log_z = prior.log_partition_exact()
-    grad_h, = torch.autograd.grad(log_z, prior.h)
+    (grad_h,) = torch.autograd.grad(log_z, prior.h)
     states, probs = exact_distribution(prior.h.detach(), prior.coupling_matrix().detach())
     assert torch.allclose(grad_h, probs @ states, atol=1e-5)
 
@@ -85,7 +84,11 @@ def test_ais_agrees_with_exact_within_its_standard_error(structure):
     exact = prior.log_partition_exact().item()
     generator = torch.Generator().manual_seed(0)
     estimate = ais_log_partition(
-        prior.h, prior.coupling_matrix(), prior.n_visible, n_chains=512, n_betas=300,
+        prior.h,
+        prior.coupling_matrix(),
+        prior.n_visible,
+        n_chains=512,
+        n_betas=300,
         generator=generator,
     )
     assert estimate.stderr > 0

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from scqbm.nn import OverlappingExponential, SpikeAndExponential, bernoulli_entropy, make_relaxation
+from scqbm.nn import (
+    OverlappingExponential,
+    SpikeAndExponential,
+    bernoulli_entropy,
+    make_relaxation,
+)
 
 RELAXATIONS = [SpikeAndExponential, OverlappingExponential]
 

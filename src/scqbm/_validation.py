@@ -22,7 +22,9 @@ def get_layer(adata: AnnData, layer: str | None):
     """``adata.X`` or ``adata.layers[layer]``, with a clear error if the layer is missing."""
     if layer is None:
         if adata.X is None:
-            raise InvalidInputError("adata.X is empty; pass `layer=` naming the layer with the data.")
+            raise InvalidInputError(
+                "adata.X is empty; pass `layer=` naming the layer with the data."
+            )
         return adata.X
     if layer not in adata.layers:
         raise InvalidInputError(
@@ -80,7 +82,7 @@ def check_expression(adata: AnnData, layer: str | None) -> None:
 def check_counts(matrix, gene_likelihood: str) -> None:
     """Integer values for the count likelihoods."""
     values = _values(matrix)
-    sample = values[: 1_000_000] if values.ndim == 1 else values.ravel()[: 1_000_000]
+    sample = values[:1_000_000] if values.ndim == 1 else values.ravel()[:1_000_000]
     if not np.all(np.mod(sample, 1) == 0):
         raise InvalidInputError(
             f"gene_likelihood={gene_likelihood!r} needs raw integer counts, but the registered "

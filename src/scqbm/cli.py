@@ -22,21 +22,35 @@ def _add_integrate(subparsers) -> None:
         ),
     )
     p.add_argument("input", nargs="?", help="Input .h5ad (raw counts in X or --layer).")
-    p.add_argument("--out", "-o", default="out/qbmvae.h5ad", help="Output .h5ad (default: %(default)s).")
+    p.add_argument(
+        "--out", "-o", default="out/qbmvae.h5ad", help="Output .h5ad (default: %(default)s)."
+    )
     p.add_argument("--batch-key", help="obs column with the batch (default dataset: stim).")
     p.add_argument("--labels-key", help="obs column with cell-type labels (optional).")
     p.add_argument("--layer", help="Layer with raw counts (default: X).")
-    p.add_argument("--genes-key", help="Boolean var column selecting genes (e.g. highly_variable).")
-    p.add_argument("--n-top-genes", type=int, help="Select this many seurat_v3 HVGs on the counts first.")
+    p.add_argument(
+        "--genes-key", help="Boolean var column selecting genes (e.g. highly_variable)."
+    )
+    p.add_argument(
+        "--n-top-genes", type=int, help="Select this many seurat_v3 HVGs on the counts first."
+    )
     p.add_argument("--key-added", default="X_qbmvae", help="obsm key (default: %(default)s).")
-    p.add_argument("--max-epochs", type=int, default=DEFAULT_EPOCHS, help="Epochs (default: %(default)s).")
+    p.add_argument(
+        "--max-epochs", type=int, default=DEFAULT_EPOCHS, help="Epochs (default: %(default)s)."
+    )
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--n-latent", type=int, default=32, help="Binary latent units (default: %(default)s).")
+    p.add_argument(
+        "--n-latent", type=int, default=32, help="Binary latent units (default: %(default)s)."
+    )
     p.add_argument("--prior", choices=["rbm", "bm"], default="rbm")
     p.add_argument("--relaxation", choices=["spike_exp", "overlapping_exp"], default="spike_exp")
-    p.add_argument("--gene-likelihood", choices=["zinb", "nb", "poisson", "normal"], default="zinb")
+    p.add_argument(
+        "--gene-likelihood", choices=["zinb", "nb", "poisson", "normal"], default="zinb"
+    )
     p.add_argument("--sampler", default="gibbs", help="Negative-phase sampler backend.")
-    p.add_argument("--sampler-kwargs", type=json.loads, default=None, help="JSON dict for the sampler.")
+    p.add_argument(
+        "--sampler-kwargs", type=json.loads, default=None, help="JSON dict for the sampler."
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-cells", type=int, help="Randomly subsample to this many cells first.")
     p.add_argument("--no-umap", action="store_true", help="Skip neighbors + UMAP.")
@@ -78,10 +92,33 @@ def _select_genes(adata, args):
         return adata[:, np.asarray(adata.var[args.genes_key], dtype=bool)].copy()
     if args.n_top_genes is not None:
         sc.pp.highly_variable_genes(
-            adata, n_top_genes=args.n_top_genes, flavor="seurat_v3", layer=args.layer,
-            batch_key=args.batch_key, subset=True,
+            adata,
+            n_top_genes=args.n_top_genes,
+            flavor="seurat_v3",
+            layer=args.layer,
+            batch_key=args.batch_key,
+            subset=True,
         )
     return adata
+
+
+def _drop_empty(adata, layer):
+    """Drop genes and cells without counts (subsetting can create them), saying how many."""
+    import numpy as np
+
+    from scqbm._validation import get_layer
+
+    matrix = get_layer(adata, layer)
+    genes = np.asarray(matrix.sum(axis=0)).ravel() > 0
+    cells = np.asarray(matrix.sum(axis=1)).ravel() > 0
+    if genes.all() and cells.all():
+        return adata
+    print(
+        f"scqbm integrate: dropping {int((~genes).sum())} genes and {int((~cells).sum())} "
+        "cells without counts",
+        flush=True,
+    )
+    return adata[cells, genes].copy()
 
 
 def _run_integrate(args) -> int:
@@ -95,7 +132,11 @@ def _run_integrate(args) -> int:
         rng = np.random.default_rng(args.seed)
         adata = adata[np.sort(rng.choice(adata.n_obs, args.max_cells, replace=False))].copy()
     adata = _select_genes(adata, args)
-    print(f"scqbm integrate: {adata.n_obs:,} cells x {adata.n_vars:,} genes from {source}", flush=True)
+    adata = _drop_empty(adata, args.layer)
+    print(
+        f"scqbm integrate: {adata.n_obs:,} cells x {adata.n_vars:,} genes from {source}",
+        flush=True,
+    )
     model = tl.integrate(
         adata,
         batch_key=args.batch_key,
@@ -162,9 +203,11 @@ def _summary(model, adata, args, out, started, trained) -> None:
         f"  load + train time    {train_seconds:,.1f} s",
         f"  final train ELBO     {-elbo:,.2f} per cell (higher is better)",
         f"  log Z                {log_z.value:.4f} +/- {log_z.stderr:.4f} ({log_z.method})",
-        f"  cell energy          median {np.median(energy):.3f}, range [{energy.min():.3f}, {energy.max():.3f}]",
+        f"  cell energy          median {np.median(energy):.3f}, "
+        f"range [{energy.min():.3f}, {energy.max():.3f}]",
         f"  wrote                {out} (obsm[{args.key_added!r}], obs['qbmvae_energy']"
-        + ("" if args.no_umap else ", obsm['X_umap']") + ")",
+        + ("" if args.no_umap else ", obsm['X_umap']")
+        + ")",
     ]
     if args.plot and not args.no_umap:
         lines.append(f"  figure               {args.plot}")

@@ -76,6 +76,7 @@ def integrate(
     >>> model = scqbm.tl.integrate(adata, batch_key="stim", max_epochs=20)
     >>> sc.pp.neighbors(adata, use_rep="X_qbmvae")
     >>> sc.tl.umap(adata)
+
     """
     import scvi
 
@@ -109,6 +110,8 @@ def integrate(
         "log_partition": log_z.value,
         "log_partition_stderr": log_z.stderr,
         "log_partition_method": log_z.method,
-        "params": {k: v for k, v in model._module_kwargs.items() if isinstance(v, (int, float, str))},
+        "params": {
+            k: v for k, v in model._module_kwargs.items() if isinstance(v, (int, float, str))
+        },
     }
     return model

@@ -102,6 +102,7 @@ class QBMVAE(
     >>> adata.obsm["X_qbmvae"] = model.get_latent_representation()
     >>> sc.pp.neighbors(adata, use_rep="X_qbmvae")
     >>> sc.tl.umap(adata)
+
     """
 
     _module_cls = QBMVAEModule
@@ -134,7 +135,9 @@ class QBMVAE(
                 f"got {gene_likelihood!r}."
             )
         if adata is not None and gene_likelihood in COUNT_LIKELIHOODS:
-            check_counts(self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY), gene_likelihood)
+            check_counts(
+                self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY), gene_likelihood
+            )
         self._module_kwargs = {
             "n_hidden": n_hidden,
             "n_latent": n_latent,
@@ -223,6 +226,7 @@ class QBMVAE(
         %(param_size_factor_key)s
         %(param_cat_cov_keys)s
         %(param_cont_cov_keys)s
+
         """
         check_obs_keys(
             adata,
@@ -293,6 +297,7 @@ class QBMVAE(
         Returns
         -------
         Array of shape ``(n_cells, n_latent)`` (or a pair of them with ``return_dist``).
+
         """
         self._check_if_trained(warn=False)
         if representation not in ("probabilities", "binary", "relaxed"):
@@ -301,7 +306,9 @@ class QBMVAE(
                 f"{representation!r}."
             )
         means, variances, samples = [], [], []
-        for outputs in self._posterior_outputs(adata, indices, batch_size, dataloader, **data_loader_kwargs):
+        for outputs in self._posterior_outputs(
+            adata, indices, batch_size, dataloader, **data_loader_kwargs
+        ):
             qz = outputs[MODULE_KEYS.QZ_KEY]
             probs = qz.probs
             means.append(probs.cpu())
@@ -341,7 +348,7 @@ class QBMVAE(
         method: Literal["stored", "auto", "exact", "ais"] = "stored",
         **ais_kwargs,
     ) -> LogPartitionEstimate:
-        """log Z of the prior with its standard error.
+        """Log Z of the prior with its standard error.
 
         Parameters
         ----------
@@ -355,6 +362,7 @@ class QBMVAE(
         -------
         :class:`~scqbm.prior.LogPartitionEstimate` with ``value``, ``stderr`` and ``method``
         (unpacks as ``value, stderr``).
+
         """
         module = self.module
         if method == "stored":
@@ -378,15 +386,27 @@ class QBMVAE(
         Returns
         -------
         Array of shape ``(n_samples, n_latent)`` with values in {0, 1}.
+
         """
         prior = self.module.prior
-        sampler = GibbsSampler(prior.n_units, num_chains=n_samples, num_sweeps=1, burn_in=burn_in, seed=seed, persistent=False)
+        sampler = GibbsSampler(
+            prior.n_units,
+            num_chains=n_samples,
+            num_sweeps=1,
+            burn_in=burn_in,
+            seed=seed,
+            persistent=False,
+        )
         with torch.inference_mode(False):
-            samples = sampler.sample(prior.h, prior.coupling_matrix(), n_samples, n_visible=prior.n_visible)
+            samples = sampler.sample(
+                prior.h, prior.coupling_matrix(), n_samples, n_visible=prior.n_visible
+            )
         return samples.samples.cpu().numpy()
 
     def _batch_codes(self, batch, n_cells: int, rng: np.random.Generator) -> np.ndarray:
-        mapping = self.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
+        mapping = self.adata_manager.get_state_registry(
+            REGISTRY_KEYS.BATCH_KEY
+        ).categorical_mapping
         mapping = list(mapping)
         if batch is None:
             return rng.integers(len(mapping), size=n_cells)
@@ -428,6 +448,7 @@ class QBMVAE(
         -------
         AnnData with sampled values in ``X``, ``obs["batch"]``, ``obs["prior_energy"]`` and the
         binary codes in ``obsm["z_binary"]``.
+
         """
         registry = self.adata_manager.data_registry
         if REGISTRY_KEYS.CAT_COVS_KEY in registry or REGISTRY_KEYS.CONT_COVS_KEY in registry:
@@ -438,8 +459,12 @@ class QBMVAE(
         if seed is not None:
             torch.manual_seed(seed)
         module = self.module
-        z = torch.as_tensor(self.sample_prior(n_cells, burn_in=burn_in, seed=seed), device=module.device)
-        relaxation = make_relaxation(module.relaxation, torch.zeros(1, device=module.device), module.beta)
+        z = torch.as_tensor(
+            self.sample_prior(n_cells, burn_in=burn_in, seed=seed), device=module.device
+        )
+        relaxation = make_relaxation(
+            module.relaxation, torch.zeros(1, device=module.device), module.beta
+        )
         zeta = relaxation.sample_conditional(z)
         codes = self._batch_codes(batch, n_cells, rng)
         if library_size is not None:
@@ -453,12 +478,16 @@ class QBMVAE(
         batch_index = torch.as_tensor(codes, device=module.device).unsqueeze(-1)
         px = module.generative(
             z=zeta,
-            library=torch.as_tensor(log_library, dtype=zeta.dtype, device=module.device).unsqueeze(-1),
+            library=torch.as_tensor(log_library, dtype=zeta.dtype, device=module.device).unsqueeze(
+                -1
+            ),
             batch_index=batch_index,
             y=torch.zeros_like(batch_index),
         )[MODULE_KEYS.PX_KEY]
         x = px.sample().cpu().numpy().astype(np.float32)
-        mapping = list(self.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping)
+        mapping = list(
+            self.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
+        )
         obs = pd.DataFrame(
             {
                 "batch": pd.Categorical([mapping[c] for c in codes], categories=mapping),
@@ -466,7 +495,13 @@ class QBMVAE(
             },
             index=[f"generated_{i}" for i in range(n_cells)],
         )
-        out = AnnData(X=x, obs=obs, var=pd.DataFrame(index=self.adata.var_names.copy() if self.adata is not None else None))
+        out = AnnData(
+            X=x,
+            obs=obs,
+            var=pd.DataFrame(
+                index=self.adata.var_names.copy() if self.adata is not None else None
+            ),
+        )
         out.obsm["z_binary"] = z.cpu().numpy().astype(np.int8)
         return out
 
@@ -520,7 +555,9 @@ class QBMVAE(
         return torch.load(path, map_location="cpu", weights_only=False)["var_names"]
 
     @classmethod
-    def load(cls, dir_path: str, adata: AnnData | None = None, prefix: str | None = None, **kwargs):
+    def load(
+        cls, dir_path: str, adata: AnnData | None = None, prefix: str | None = None, **kwargs
+    ):
         """Load a saved model; with ``adata``, its genes must match the model's exactly.
 
         See :meth:`scvi.model.base.BaseModelClass.load` for the other arguments.
@@ -537,7 +574,11 @@ class QBMVAE(
         ``inplace_subset_query_vars=True``); new batch categories extend the model, the prior
         stays frozen. See :meth:`scvi.model.base.ArchesMixin.load_query_data`.
         """
-        if adata is not None and reference_model is not None and not kwargs.get("inplace_subset_query_vars", False):
+        if (
+            adata is not None
+            and reference_model is not None
+            and not kwargs.get("inplace_subset_query_vars", False)
+        ):
             saved = (
                 cls._saved_var_names(reference_model, None)
                 if isinstance(reference_model, str)

@@ -54,6 +54,7 @@ class QBMVAEModule(VAE):
         Keyword arguments of :func:`~scqbm.prior.ais_log_partition` for refreshes.
     **vae_kwargs
         Passed to :class:`~scvi.module.VAE`.
+
     """
 
     def __init__(
@@ -71,7 +72,9 @@ class QBMVAEModule(VAE):
         **vae_kwargs,
     ):
         vae_kwargs.pop("latent_distribution", None)
-        super().__init__(n_input=n_input, n_latent=n_latent, latent_distribution="normal", **vae_kwargs)
+        super().__init__(
+            n_input=n_input, n_latent=n_latent, latent_distribution="normal", **vae_kwargs
+        )
         # Swap scVI's Gaussian head for Bernoulli logits, keeping the trunk (and its
         # covariate injection) exactly as SCVI builds it.
         trunk = self.z_encoder.encoder
@@ -148,8 +151,10 @@ class QBMVAEModule(VAE):
         y: torch.Tensor | None = None,
         transform_batch: torch.Tensor | None = None,
     ) -> dict:
-        """scVI's generative pass on the relaxed latent ``z``; the Gaussian ``pz`` it builds
-        is dropped (the prior is :attr:`prior`)."""
+        """scVI's generative pass on the relaxed latent ``z``.
+
+        The Gaussian ``pz`` that scVI builds is dropped: the prior is :attr:`prior`.
+        """
         outputs = super().generative(
             z,
             library,
@@ -208,10 +213,6 @@ class QBMVAEModule(VAE):
             loss=loss,
             reconstruction_loss=reconst_loss,
             kl_local={MODULE_KEYS.KL_L_KEY: kl_l, MODULE_KEYS.KL_Z_KEY: kl_z},
-            extra_metrics={
-                "log_z": self.log_z.detach().clone(),
-                "log_z_stderr": self.log_z_stderr.detach().clone(),
-            },
         )
 
     # ------------------------------------------------------- marginal likelihood

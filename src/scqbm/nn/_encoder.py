@@ -24,9 +24,12 @@ class BernoulliEncoder(nn.Module):
         Number of binary latent units.
     relaxation, beta
         Smoothing of the binary bottleneck (see :mod:`scqbm.nn`).
+
     """
 
-    def __init__(self, fc_layers: nn.Module, n_hidden: int, n_output: int, relaxation: str, beta: float):
+    def __init__(
+        self, fc_layers: nn.Module, n_hidden: int, n_output: int, relaxation: str, beta: float
+    ):
         super().__init__()
         self.encoder = fc_layers
         self.logit_encoder = nn.Linear(n_hidden, n_output)

@@ -86,8 +86,9 @@ def _exp_mean_decreasing(beta: float) -> float:
 
 
 class SpikeAndExponential(_Relaxation):
-    """Spike-and-exponential smoothing (Rolfe 2016): ``r(zeta|0) = delta(zeta)``,
-    ``r(zeta|1) = beta e^{beta zeta} / (e^beta - 1)`` on [0, 1].
+    """Spike-and-exponential smoothing (Rolfe 2016).
+
+    ``r(zeta|0) = delta(zeta)`` and ``r(zeta|1) = beta e^{beta zeta} / (e^beta - 1)`` on [0, 1].
 
     ``zeta = 0`` if ``rho <= 1 - q``, else
     ``(1/beta) log(((rho - (1 - q)) / q)(e^beta - 1) + 1)`` with ``rho ~ U(0, 1)``.
@@ -103,7 +104,11 @@ class SpikeAndExponential(_Relaxation):
     def cdf(self, zeta: torch.Tensor) -> torch.Tensor:
         q = self.probs
         inside = (1.0 - q) + q * torch.expm1(self.beta * zeta.clamp(0, 1)) / math.expm1(self.beta)
-        return torch.where(zeta < 0, torch.zeros_like(inside), torch.where(zeta >= 1, torch.ones_like(inside), inside))
+        return torch.where(
+            zeta < 0,
+            torch.zeros_like(inside),
+            torch.where(zeta >= 1, torch.ones_like(inside), inside),
+        )
 
     @property
     def mean(self) -> torch.Tensor:
@@ -114,8 +119,10 @@ class SpikeAndExponential(_Relaxation):
 
 
 class OverlappingExponential(_Relaxation):
-    """DVAE++ overlapping exponentials: ``r(zeta|0) = beta e^{-beta zeta} / (1 - e^{-beta})``
-    and ``r(zeta|1)(zeta) = r(1 - zeta | 0)``, both on [0, 1].
+    """DVAE++ overlapping exponentials (Vahdat et al. 2018).
+
+    ``r(zeta|0) = beta e^{-beta zeta} / (1 - e^{-beta})`` and
+    ``r(zeta|1)(zeta) = r(1 - zeta | 0)``, both on [0, 1].
 
     With ``u = e^{-beta zeta}`` the mixture CDF equation ``F(zeta) = rho`` is the quadratic
     ``(1-q) u^2 + b u - q e^{-beta} = 0`` with ``b = rho (1 - e^{-beta}) - (1-q) + q e^{-beta}``,

@@ -40,6 +40,7 @@ class BoltzmannPrior(nn.Module):
     ``W`` is stored through its free entries only (upper triangle for ``"bm"``, the
     ``n_visible x n_hidden`` block for ``"rbm"``), so symmetry and the zero diagonal hold by
     construction. ``z'Wz`` counts every pair twice: ``z'Wz = 2 sum_{i<j} W_ij z_i z_j``.
+
     """
 
     def __init__(
@@ -83,7 +84,10 @@ class BoltzmannPrior(nn.Module):
         nv = self.n_visible
         W = torch.zeros(n, n, device=self.h.device, dtype=self.h.dtype)
         W = W.index_put(
-            (torch.arange(nv, device=W.device).unsqueeze(-1), torch.arange(nv, n, device=W.device)),
+            (
+                torch.arange(nv, device=W.device).unsqueeze(-1),
+                torch.arange(nv, n, device=W.device),
+            ),
             self.couplings,
         )
         return W + W.T
@@ -115,7 +119,7 @@ class BoltzmannPrior(nn.Module):
         method: Literal["auto", "exact", "ais"] = "auto",
         **ais_kwargs,
     ) -> LogPartitionEstimate:
-        """Estimate log Z: exact when ``method="exact"`` or ``"auto"`` and small enough, else AIS."""
+        """Estimate log Z: exact for ``"exact"`` (or ``"auto"`` when small enough), else AIS."""
         if method not in ("auto", "exact", "ais"):
             raise ValueError(f"`method` must be 'auto', 'exact' or 'ais', got {method!r}.")
         if method == "exact" or (method == "auto" and self.can_enumerate()):

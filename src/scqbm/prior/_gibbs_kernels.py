@@ -16,7 +16,9 @@ import torch
 
 
 def _bernoulli(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    uniform = torch.rand(
+        logits.shape, generator=generator, device=logits.device, dtype=logits.dtype
+    )
     return (uniform < torch.sigmoid(logits)).to(logits.dtype)
 
 
@@ -87,6 +89,7 @@ def dense_gibbs_sweep(
     Returns
     -------
     New chain states, shape ``(n_chains, n)``.
+
     """
     n_chains, n = z.shape
     coupling = 2.0 * coupling_scale

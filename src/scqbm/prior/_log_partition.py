@@ -71,6 +71,7 @@ def exact_log_partition(
         Fields ``(n,)`` and symmetric zero-diagonal couplings ``(n, n)``.
     n_visible
         Size of the first side of a bipartite (RBM) machine, or ``None`` for a dense one.
+
     """
     n = h.shape[-1]
     k = n_enumerated_units(n, n_visible)
@@ -97,13 +98,13 @@ def exact_log_partition(
     return torch.logsumexp(torch.stack(chunks), dim=0)
 
 
-def exact_distribution(
-    h: torch.Tensor, W: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_distribution(h: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """All ``2**n`` states and their exact probabilities (for tests and diagnostics)."""
     n = h.shape[-1]
     if n > MAX_EXACT_UNITS:
-        raise LatentTooLargeError(f"Exact distribution over {n} units is too large (limit {MAX_EXACT_UNITS}).")
+        raise LatentTooLargeError(
+            f"Exact distribution over {n} units is too large (limit {MAX_EXACT_UNITS})."
+        )
     states = enumerate_states(n, h.device, h.dtype)
     log_weights = states @ h + ((states @ W) * states).sum(-1)
     return states, torch.softmax(log_weights, dim=0)
@@ -129,6 +130,7 @@ def ais_log_partition(
     -------
     :class:`LogPartitionEstimate`; ``stderr`` is the delta-method standard error of the log of
     the mean importance weight, ``std(w) / (sqrt(K) mean(w))``.
+
     """
     h, W = h.detach(), W.detach()
     betas = torch.linspace(0.0, 1.0, n_betas + 1, device=h.device, dtype=h.dtype)

@@ -35,6 +35,7 @@ class SampleSet:
         ``(num_reads,)`` energies ``E(z)`` under the problem that was sampled.
     info
         Backend details: ``seconds`` (wall time), ``sampler`` (name), and anything specific.
+
     """
 
     samples: torch.Tensor
@@ -54,7 +55,9 @@ def validate_problem(h: torch.Tensor, W: torch.Tensor, n_units: int | None = Non
             f"{tuple(W.shape)}."
         )
     if n_units is not None and h.shape[0] != n_units:
-        raise ValueError(f"This sampler was built for {n_units} units, got a problem with {h.shape[0]}.")
+        raise ValueError(
+            f"This sampler was built for {n_units} units, got a problem with {h.shape[0]}."
+        )
     if not (torch.isfinite(h).all() and torch.isfinite(W).all()):
         raise ValueError("The Boltzmann problem has NaN or infinite fields or couplings.")
     tol = 1e-5 * (1.0 + W.abs().max().item())
@@ -93,6 +96,7 @@ class BoltzmannSampler(nn.Module, ABC):
         n_visible
             For a bipartite (RBM) problem, the size of the first side; lets backends use block
             updates. ``None`` for a dense problem.
+
         """
         h, W = h.detach(), W.detach()
         validate_problem(h, W)
@@ -103,7 +107,9 @@ class BoltzmannSampler(nn.Module, ABC):
         seconds = time.perf_counter() - start
         samples = samples.to(device=h.device, dtype=h.dtype)
         return SampleSet(
-            samples, boltzmann_energy(samples, h, W), {"sampler": self.name, "seconds": seconds, **info}
+            samples,
+            boltzmann_energy(samples, h, W),
+            {"sampler": self.name, "seconds": seconds, **info},
         )
 
     @abstractmethod

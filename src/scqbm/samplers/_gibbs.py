@@ -32,6 +32,7 @@ class GibbsSampler(BoltzmannSampler):
         Seed of the sampler's own random generator (``None``: torch's global generator).
     persistent
         ``False``: every call runs fresh chains (a stand-alone sampler).
+
     """
 
     name = "gibbs"
@@ -75,9 +76,13 @@ class GibbsSampler(BoltzmannSampler):
 
     def _sample(self, h, W, num_reads, n_visible):
         generator = self._rng(h.device)
-        persistent = self.persistent and num_reads == self.num_chains and h.shape[0] == self.n_units
+        persistent = (
+            self.persistent and num_reads == self.num_chains and h.shape[0] == self.n_units
+        )
         if not persistent:
-            z = torch.rand(num_reads, h.shape[0], generator=generator, device=h.device, dtype=h.dtype)
+            z = torch.rand(
+                num_reads, h.shape[0], generator=generator, device=h.device, dtype=h.dtype
+            )
             z = self._run(z.round(), h, W, n_visible, self.burn_in + self.num_sweeps, generator)
             return z, {"persistent": False, "sweeps": self.burn_in + self.num_sweeps}
         sweeps = self.num_sweeps

@@ -34,6 +34,7 @@ class QBMTrainingPlan(TrainingPlan):
         before each validation pass and, more precisely, at the end of training.
     **kwargs
         :class:`~scvi.train.TrainingPlan` arguments (``lr``, ``n_epochs_kl_warmup``, ...).
+
     """
 
     def __init__(
@@ -52,7 +53,7 @@ class QBMTrainingPlan(TrainingPlan):
             log_partition_every_n_steps = 10 if module.exact_log_partition else 0
         self.log_partition_every_n_steps = log_partition_every_n_steps
         self._log_z_step = -1  # global step at which log Z was last computed
-        self._sampler_seconds = 0.0
+        self._reset_sampler_stats()
 
     # ------------------------------------------------------------------ log Z
     def _refresh_log_z(self) -> None:
@@ -97,16 +98,39 @@ class QBMTrainingPlan(TrainingPlan):
             # Validation and query-time losses must not see stale training samples.
             self.loss_kwargs.pop("negative_samples", None)
 
+    def _reset_sampler_stats(self) -> None:
+        self._sampler_seconds = 0.0
+        self._sampler_fallbacks = 0
+        self._sampler_betas: list[float] = []
+
     def _log_sampler_info(self, info: dict) -> None:
-        """Per-epoch sampler diagnostics in the history: wall time, fallbacks, temperature."""
-        log = dict(on_step=False, on_epoch=True)
-        self.log("sampler_seconds", float(info["seconds"]), reduce_fx="sum", **log)
+        # Accumulated in Python and logged once per epoch: a Lightning log call per step
+        # costs more than the RBM's sampling itself.
+        self._sampler_seconds += float(info["seconds"])
         # A backend that fell back to another sampler says so; it is counted, never hidden.
-        if "fallback" in info:
-            self.log("sampler_fallbacks", float(info["fallback"]), reduce_fx="sum", **log)
+        self._sampler_fallbacks += int(info.get("fallback", 0))
         # Calibrated annealers report the effective inverse temperature they estimated.
         if info.get("effective_beta") is not None:
-            self.log("sampler_effective_beta", float(info["effective_beta"]), **log)
+            self._sampler_betas.append(float(info["effective_beta"]))
+
+    def on_train_epoch_end(self) -> None:
+        """Log per-epoch diagnostics to the history.
+
+        Sampler wall time, fallbacks and temperature, and the log Z estimate (with its standard
+        error) that the epoch's ELBOs used.
+        """
+        log = {"on_step": False, "on_epoch": True}
+        self.log("sampler_seconds", self._sampler_seconds, **log)
+        self.log("sampler_fallbacks", float(self._sampler_fallbacks), **log)
+        if self._sampler_betas:
+            self.log(
+                "sampler_effective_beta",
+                sum(self._sampler_betas) / len(self._sampler_betas),
+                **log,
+            )
+        self.log("log_z", float(self.module.log_z), **log)
+        self.log("log_z_stderr", float(self.module.log_z_stderr), **log)
+        self._reset_sampler_stats()
 
     # -------------------------------------------------------------- optimizer
     def configure_optimizers(self):
