@@ -114,6 +114,8 @@ def test_energy_log_partition_prior_samples_and_generate(trained, adata):
     np.testing.assert_allclose(energy, expected, rtol=1e-4, atol=1e-5)
     value, stderr = trained.get_log_partition("ais", n_chains=128, n_betas=200)
     assert value == pytest.approx(trained.get_log_partition().value, abs=5 * stderr + 0.05)
+    h, W = trained.get_prior_parameters()
+    assert h.shape == (12,) and W.shape == (12, 12) and np.allclose(W, W.T)
     samples = trained.sample_prior(64, burn_in=20, seed=0)
     assert samples.shape == (64, 12) and set(np.unique(samples)) <= {0.0, 1.0}
     state_before = trained.module.sampler.state.clone()
@@ -124,6 +126,20 @@ def test_energy_log_partition_prior_samples_and_generate(trained, adata):
     assert torch.equal(trained.module.sampler.state, state_before)  # queries leave chains alone
     with pytest.raises(ValueError, match="Unknown batch"):
         trained.generate(3, batch="nope")
+
+
+def test_sample_prior_matches_enumeration(trained):
+    from scqbm.prior import exact_distribution
+
+    with torch.no_grad():  # sharpen the learned prior so the check has something to see
+        trained.module.prior.h.mul_(20.0)
+        trained.module.prior.couplings.mul_(50.0)
+    h, W = (torch.as_tensor(a, dtype=torch.float64) for a in trained.get_prior_parameters())
+    states, probs = exact_distribution(h, W)
+    marginals = (probs @ states).numpy()
+    samples = trained.sample_prior(20_000, burn_in=200, seed=1)
+    se = np.sqrt(marginals * (1 - marginals) / samples.shape[0])
+    assert np.all(np.abs(samples.mean(0) - marginals) < 5 * se + 1e-3)
 
 
 def test_save_load_round_trip(trained, adata, tmp_path):

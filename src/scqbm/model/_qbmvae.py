@@ -375,6 +375,17 @@ class QBMVAE(
             return module.prior.log_partition(method, **{**module.ais_kwargs, **ais_kwargs})
 
     @torch.inference_mode()
+    def get_prior_parameters(self) -> tuple[np.ndarray, np.ndarray]:
+        """Fields ``h`` ``(n,)`` and couplings ``W`` ``(n, n)`` of the learned prior.
+
+        ``p(z) ∝ exp(h.z + z'Wz)`` over ``z`` in {0, 1}^n; ``W`` is symmetric with a zero
+        diagonal (block off-diagonal for the RBM prior). Pass them to any
+        :mod:`scqbm.samplers` backend or to :func:`scqbm.prior.exact_distribution`.
+        """
+        prior = self.module.prior
+        return prior.h.detach().cpu().numpy(), prior.coupling_matrix().detach().cpu().numpy()
+
+    @torch.inference_mode()
     def sample_prior(
         self, n_samples: int, burn_in: int = 1_000, seed: int | None = None
     ) -> np.ndarray:
