@@ -120,7 +120,8 @@ def write_markdown(results: dict, path: Path) -> None:
         if key not in results:
             continue
         lines += ["", f"scib-metrics, min_max_scale={scale}:", ""]
-        lines += ["| embedding | Batch correction | Bio conservation | Total |", "|---|---|---|---|"]
+        lines += ["| embedding | Batch correction | Bio conservation | Total |"]
+        lines += ["|---|---|---|---|"]
         for name, row in results[key].items():
             lines.append(
                 f"| {name} | {row['Batch correction']:.3f} | {row['Bio conservation']:.3f} | "

@@ -70,6 +70,7 @@ def download(url: str, target: Path, *, timeout: float = 60.0, sha256: str | Non
     ------
     DatasetUnavailableError
         When the server cannot be reached or the checksum does not match.
+
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(dir=target.parent, suffix=".part")

@@ -81,6 +81,7 @@ def kang_ifnb(path: str | Path | None = None, *, rebuild: bool = True, verify: b
     >>> import scqbm
     >>> adata = scqbm.datasets.kang_ifnb()
     >>> scqbm.QBMVAE.setup_anndata(adata, batch_key=scqbm.datasets.KANG_BATCH_KEY)
+
     """
     import anndata as ad
 

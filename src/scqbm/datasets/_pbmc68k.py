@@ -8,7 +8,7 @@ PBMC68K_LABELS_KEY = "bulk_labels"
 
 
 def pbmc68k_counts(max_rounding_error: float = 0.3):
-    """700 PBMCs x 765 genes with FACS-based ``bulk_labels``, counts in ``X`` and ``layers["counts"]``.
+    """700 PBMCs x 765 genes, FACS-based ``bulk_labels``, integer counts in ``X`` and a layer.
 
     ``raw.X`` of :func:`scanpy.datasets.pbmc68k_reduced` holds ``log1p(count * 1e4 /
     n_counts)``; inverting it with ``obs["n_counts"]`` gives back the integer counts of these
@@ -26,6 +26,7 @@ def pbmc68k_counts(max_rounding_error: float = 0.3):
     >>> import scqbm
     >>> adata = scqbm.datasets.pbmc68k_counts()
     >>> scqbm.QBMVAE.setup_anndata(adata, layer="counts", labels_key="bulk_labels")
+
     """
     import anndata as ad
     import scanpy as sc

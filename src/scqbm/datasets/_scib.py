@@ -61,6 +61,7 @@ def load_scib(name: str, path: str | Path | None = None, *, timeout: float = 60.
     ------
     DatasetUnavailableError
         Offline or unreachable: the message gives the URL and where to put the file.
+
     """
     import anndata as ad
 

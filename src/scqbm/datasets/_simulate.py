@@ -223,9 +223,7 @@ def simulate(
     batch = rng.integers(0, n_batches, n_cells)
     batch_lfc = rng.normal(0.0, 1.0, (n_batches, n_genes)) * batch_strength
     log_rate += batch_lfc[batch]
-    shifts = library_shift * (
-        np.linspace(-0.5, 0.5, n_batches) if n_batches > 1 else np.zeros(1)
-    )
+    shifts = library_shift * (np.linspace(-0.5, 0.5, n_batches) if n_batches > 1 else np.zeros(1))
     library = np.exp(np.log(library_size) + shifts[batch] + rng.normal(0.0, 0.3, n_cells))
 
     # ------------------------------------------------------------------- counts
