@@ -40,6 +40,7 @@ def parse_args():
     p.add_argument("--max-cells", type=int, help="subsample cells (quick runs)")
     p.add_argument("--skip-scib", action="store_true")
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON/markdown")
+    p.add_argument("--name", default="kang_vs_scvi", help="file name (without suffix) of results")
     return p.parse_args()
 
 
@@ -195,9 +196,9 @@ def main():
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "kang_vs_scvi.json").write_text(json.dumps(results, indent=2))
-    write_markdown(results, out / "kang_vs_scvi.md")
-    print(f"\nwrote {out / 'kang_vs_scvi.json'} and {out / 'kang_vs_scvi.md'}")
+    (out / f"{args.name}.json").write_text(json.dumps(results, indent=2))
+    write_markdown(results, out / f"{args.name}.md")
+    print(f"\nwrote {out / args.name}.json and .md")
 
 
 if __name__ == "__main__":
