@@ -13,7 +13,8 @@ distances are the noise floor of the table.
 The couplings imitate a trained prior: fields ~ N(0, 0.5^2), couplings ~ N(0, s^2 / d) with
 ``d`` the number of neighbours of a unit and ``s = --coupling-scale`` (1 by default), so local
 fields stay O(1) at every size. Problems of ``--large`` units or more get ``--large-reads``
-reads for every backend (dense 1024-unit sweeps cost ~1 ms per read on one CPU core).
+reads for every backend (dense 1024-unit sweeps cost ~1 ms per read on one CPU core). On a
+machine shared with other jobs, ``--threads 1`` avoids OpenMP threads waiting for a core.
 """
 
 from __future__ import annotations
@@ -110,7 +111,12 @@ def main(argv=None) -> None:
     parser.add_argument("--coupling-scale", type=float, default=1.0)
     parser.add_argument("--no-remote", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: torch's; 1 on a busy machine)"
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     print(
         f"reads={args.reads} ({args.large_reads} from {args.large} units), sweeps per "

@@ -1,16 +1,48 @@
 """Samplers of Boltzmann distributions: one interface, pluggable backends."""
 
-from ._base import BoltzmannSampler, SampleSet, SamplerError, validate_problem
+from ._base import BoltzmannSampler, SamplerError, SampleSet, validate_problem
+from ._calibration import CalibratedSampler, estimate_effective_beta
+from ._compare import compare
+from ._dimod import DimodSampler, to_bqm
 from ._gibbs import GibbsSampler
+from ._ising import (
+    IsingProblem,
+    binary_to_spins,
+    boltzmann_to_ising,
+    ising_energy,
+    reduce_precision,
+    spins_to_binary,
+)
+from ._kaiwu import KaiwuCIMSampler, KaiwuSASampler
+from ._kaiwu_sdk import KaiwuCredentialsError
 from ._registry import available_samplers, make_sampler, register_sampler
+from ._remote import RemoteSampler, ServiceUnavailable
+from ._tempering import ParallelTemperingSampler
 
 __all__ = [
     "BoltzmannSampler",
+    "CalibratedSampler",
+    "DimodSampler",
     "GibbsSampler",
+    "IsingProblem",
+    "KaiwuCIMSampler",
+    "KaiwuCredentialsError",
+    "KaiwuSASampler",
+    "ParallelTemperingSampler",
+    "RemoteSampler",
     "SampleSet",
     "SamplerError",
+    "ServiceUnavailable",
     "available_samplers",
+    "binary_to_spins",
+    "boltzmann_to_ising",
+    "compare",
+    "estimate_effective_beta",
+    "ising_energy",
     "make_sampler",
+    "reduce_precision",
     "register_sampler",
+    "spins_to_binary",
+    "to_bqm",
     "validate_problem",
 ]
