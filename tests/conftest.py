@@ -10,6 +10,9 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 KANG_FILE = SHARED_DATA / "kang_ifnb_pbmc.h5ad"
 
 os.environ.setdefault("SCQBM_DATA_DIR", str(SHARED_DATA))
+# The test models are tiny: one thread avoids intra-op threading overhead that made small
+# tensor ops 10-70x slower on a loaded 2-core machine.
+torch.set_num_threads(1)
 
 
 def random_problem(n: int, structure: str = "bm", scale: float = 0.5, seed: int = 0):
