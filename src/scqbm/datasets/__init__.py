@@ -11,6 +11,7 @@ from ._kang import (
 )
 from ._pbmc68k import PBMC68K_LABELS_KEY, pbmc68k_counts
 from ._scib import SCIB_DATASETS, load_scib, scib_immune_human, scib_lung_atlas, scib_pancreas
+from ._simulate import simulate
 
 __all__ = [
     "KANG_BATCH_KEY",
@@ -28,4 +29,5 @@ __all__ = [
     "scib_immune_human",
     "scib_lung_atlas",
     "scib_pancreas",
+    "simulate",
 ]
