@@ -153,7 +153,7 @@ class QBMVAEModule(VAE):
     ) -> dict:
         """scVI's generative pass on the relaxed latent ``z``.
 
-        The Gaussian ``pz`` that scVI builds is dropped: the prior is :attr:`prior`.
+        The Gaussian ``pz`` that scVI builds is dropped: the prior is ``self.prior``.
         """
         outputs = super().generative(
             z,
