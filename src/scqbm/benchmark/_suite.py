@@ -1,0 +1,359 @@
+"""The suite runner: methods x seeds on one dataset, cached per run, then the report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ._cache import digest, load_output, run_dir_of, save_output
+from ._data import BenchmarkDataset, load_dataset
+from ._integration import aggregate_scib, scib_metrics_for_embedding
+from ._methods import DEFAULT_METHODS, MethodOutput, resolve_method
+from ._tasks import classification_metrics, energy_metrics, rare_cell_metrics, trajectory_metrics
+
+__all__ = ["TASKS", "SuiteResult", "run_suite"]
+
+logger = logging.getLogger(__name__)
+
+#: Tasks of the suite, in the order they run.
+TASKS = ("integration", "classification", "trajectory", "rare", "energy")
+_SUITE_VERSION = 1
+
+
+@dataclass
+class SuiteResult:
+    """Outcome of :func:`run_suite`.
+
+    Attributes
+    ----------
+    metrics
+        Long table: ``dataset, method, seed, task, metric, metric_type, value`` (every metric of
+        every run, plus the scIB aggregates with and without min-max scaling).
+    summary
+        Mean, standard deviation and number of seeds per ``method, task, metric``.
+    out
+        Results folder.
+    files
+        Paths written (CSV, markdown, figures).
+    n_computed, n_cached
+        Runs computed now and runs reused from the cache.
+    skipped
+        ``{method: reason}`` for methods that could not run (not installed, no batch, failed).
+
+    """
+
+    metrics: pd.DataFrame
+    summary: pd.DataFrame
+    out: Path
+    files: list[Path] = field(default_factory=list)
+    n_computed: int = 0
+    n_cached: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _evaluate(
+    data: BenchmarkDataset,
+    method: str,
+    seed: int,
+    output: MethodOutput,
+    tasks: Sequence[str],
+    n_jobs: int,
+    scib_exclude: tuple[str, ...],
+    want_umap: bool,
+    run_dir: Path,
+) -> list[dict]:
+    adata = data.adata
+    labels = adata.obs[data.label_key].astype(str).to_numpy()
+    rows: list[dict] = []
+
+    def add(task: str, metrics: dict, metric_type: str = "") -> None:
+        rows.extend(
+            {"task": task, "metric": k, "metric_type": metric_type, "value": float(v)}
+            for k, v in metrics.items()
+        )
+
+    add("fit", {"seconds": output.seconds, **output.info})
+    if "integration" in tasks:
+        for name, (kind, value) in scib_metrics_for_embedding(
+            adata,
+            output.embedding,
+            data.batch_key,
+            data.label_key,
+            n_jobs=n_jobs,
+            exclude=scib_exclude,
+        ).items():
+            rows.append({"task": "scib_raw", "metric": name, "metric_type": kind, "value": value})
+    if "classification" in tasks:
+        add(
+            "classification",
+            classification_metrics(output.embedding, labels, data.rare_labels, seed=seed),
+        )
+    if "trajectory" in tasks and data.has_trajectory:
+        add(
+            "trajectory",
+            trajectory_metrics(output.embedding, adata.obs["pseudotime"], adata.obs["branch"]),
+        )
+    graph = None
+    if "rare" in tasks:
+        metrics, graph = rare_cell_metrics(
+            output.embedding, labels, data.rare_labels, data.subsample_label, seed=seed
+        )
+        add("rare", metrics)
+    if "energy" in tasks and "energy" in output.extras:
+        add("energy", energy_metrics(output.extras, labels))
+    if want_umap:
+        _umap(output.embedding, seed, run_dir, graph)
+    return rows
+
+
+def _umap(embedding: np.ndarray, seed: int, run_dir: Path, graph=None) -> None:
+    """UMAP of an embedding (from its 15-NN graph) saved as ``umap.npy`` in the run folder."""
+    import scanpy as sc
+
+    if graph is None:
+        from ._tasks import leiden_clusters
+
+        _, graph = leiden_clusters(embedding, seed=seed)
+    sc.tl.umap(graph, random_state=seed)
+    np.save(run_dir / "umap.npy", graph.obsm["X_umap"].astype(np.float32))
+
+
+def run_suite(
+    dataset: str | BenchmarkDataset = "simulated",
+    methods: Sequence[str] = DEFAULT_METHODS,
+    seeds: Sequence[int] = (0, 1, 2),
+    out: str | Path = "benchmark_results",
+    max_epochs: int = 20,
+    tasks: Sequence[str] = TASKS,
+    cache_dir: str | Path | None = None,
+    max_cells: int | None = None,
+    dataset_kwargs: dict | None = None,
+    n_jobs: int = 1,
+    scib_exclude: Sequence[str] = (),
+    method_seeds: dict[str, int] | None = None,
+    threads: int | None = None,
+    umap: bool = True,
+    figures: bool = True,
+    progress: bool = True,
+    command: str | None = None,
+) -> SuiteResult:
+    """Run methods x seeds on a dataset, score every task and write the results folder.
+
+    Each run (method, seed) is cached under ``cache_dir``: the embedding (``.npy``), the
+    per-cell model outputs (``.npz``), and the metrics (``metrics.json``), each with the
+    configuration that produced it. A rerun with the same configuration reuses them; a run
+    whose fit is cached but whose tasks changed is only re-scored. Methods whose embedding does
+    not depend on the seed (PCA, Scanorama) run once, with the first seed.
+
+    Parameters
+    ----------
+    dataset
+        A name of :data:`~scqbm.benchmark.DATASETS` or a prepared
+        :class:`~scqbm.benchmark.BenchmarkDataset`.
+    methods
+        Names of :data:`~scqbm.benchmark.METHODS`, or variants with model arguments such as
+        ``"qbmvae_rbm(n_latent=16, beta=5.0)"`` (see :func:`~scqbm.benchmark.resolve_method`).
+    seeds
+        Seeds of the runs (model initialisation and training, cross-validation folds, Leiden).
+    out
+        Results folder: ``metrics.csv``, ``summary.csv``, ``README.md`` and ``figures/``.
+    max_epochs
+        Epochs of every neural method (scVI, the Gaussian ablation, QBMVAE), except
+        ``scvi_default`` (scvi's own heuristic).
+    tasks
+        Subset of :data:`TASKS`.
+    cache_dir
+        Where runs are cached (default ``out/runs``; it holds embeddings, keep it out of git).
+    max_cells
+        Subsample the dataset to this many cells first.
+    dataset_kwargs
+        Extra arguments of the dataset loader (for ``"simulated"``: of
+        :func:`scqbm.datasets.simulate`).
+    n_jobs
+        Jobs of the scib-metrics neighbour search.
+    scib_exclude
+        scib-metrics functions to leave out (e.g. ``["kbet_per_label"]`` for quick runs); the
+        report lists them, and totals are then not comparable to full-suite totals.
+    method_seeds
+        Run some methods with fewer seeds, e.g. ``{"scvi_default": 1}`` (the first ones).
+    threads
+        ``torch.set_num_threads`` for training (default: unchanged).
+    umap, figures
+        Compute UMAPs (first seed of each method) and write figures.
+    progress
+        Show a progress bar over the runs.
+    command
+        The command line to record in the report (the CLI passes its own).
+
+    Returns
+    -------
+    :class:`SuiteResult`
+
+    Examples
+    --------
+    >>> from scqbm.benchmark import run_suite
+    >>> result = run_suite(
+    ...     "simulated", methods=["pca", "scvi", "qbmvae_rbm"], seeds=[0, 1], out="bench_sim"
+    ... )
+    >>> result.summary.query("metric == 'Total'")
+
+    """
+    from tqdm.auto import tqdm
+
+    from ._report import write_report
+
+    started = time.perf_counter()
+    resolved = {spec: resolve_method(spec) for spec in methods}  # raises on unknown names
+    bad_tasks = [t for t in tasks if t not in TASKS]
+    if bad_tasks:
+        raise ValueError(f"Unknown tasks {bad_tasks}; choose from {list(TASKS)}.")
+    if not seeds:
+        raise ValueError("Give at least one seed.")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir is not None else out / "runs"
+    dataset_kwargs = dict(dataset_kwargs or {})
+    if isinstance(dataset, BenchmarkDataset):
+        data = dataset
+        data_config = {"name": data.name, "cells": data.adata.n_obs, "genes": data.adata.n_vars}
+    else:
+        data = load_dataset(dataset, max_cells=max_cells, **dataset_kwargs)
+        data_config = {"name": dataset, "max_cells": max_cells, **dataset_kwargs}
+    dataset_tag = f"{data.name}-{digest(data_config)}"
+
+    skipped: dict[str, str] = {}
+    runs: list[tuple[str, int]] = []
+    for name in methods:
+        method = resolved[name][0]
+        reason = method.unavailable_reason(data.batch_key)
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        n_seeds = (method_seeds or {}).get(name, len(seeds)) if method.stochastic else 1
+        runs.extend((name, s) for s in seeds[: max(1, n_seeds)])
+
+    all_rows: list[dict] = []
+    n_cached = n_computed = 0
+    bar = tqdm(runs, desc=f"scqbm benchmark {data.name}", unit="run", disable=not progress)
+    for name, seed in bar:
+        bar.set_postfix_str(f"{name} seed {seed}")
+        run_dir = run_dir_of(cache, dataset_tag, name, seed)
+        fit_config = {
+            "suite": _SUITE_VERSION,
+            "data": data_config,
+            "method": name,
+            "seed": seed,
+            "max_epochs": max_epochs,
+        }
+        # UMAP coordinates are not metrics: a scored run is reused whether or not it has them,
+        # and they are added to it when they are wanted (first seed) and missing.
+        want_umap = umap and seed == seeds[0]
+        eval_config = {
+            "fit": fit_config,
+            "tasks": sorted(tasks),
+            "scib_exclude": sorted(scib_exclude),
+            "targets": {"rare": data.rare_labels, "subsample": data.subsample_label},
+        }
+        metrics_file = run_dir / "metrics.json"
+        if metrics_file.exists():
+            saved = json.loads(metrics_file.read_text())
+            saved_config = {k: v for k, v in saved.get("config", {}).items() if k != "umap"}
+            if saved_config == json.loads(json.dumps(eval_config, default=str)):
+                if want_umap and not (run_dir / "umap.npy").exists():
+                    output = load_output(run_dir, fit_config)
+                    if output is not None:
+                        _umap(output.embedding, seed, run_dir)
+                rows = saved["rows"]
+                n_cached += 1
+                all_rows.extend({"method": name, "seed": seed, **r} for r in rows)
+                continue
+        try:
+            output = load_output(run_dir, fit_config)
+            if output is None:
+                method, model_kwargs = resolved[name]
+                output = method.fit(data.adata, data.batch_key, seed, max_epochs, **model_kwargs)
+                save_output(run_dir, fit_config, output)
+            rows = _evaluate(
+                data, name, seed, output, tasks, n_jobs, tuple(scib_exclude), want_umap, run_dir
+            )
+        except Exception as err:  # one failing method must not sink the whole suite
+            logger.error("%s seed %d failed:\n%s", name, seed, traceback.format_exc())
+            skipped[f"{name} (seed {seed})"] = f"failed: {type(err).__name__}: {err}"
+            continue
+        metrics_file.write_text(json.dumps({"config": eval_config, "rows": rows}, indent=1))
+        n_computed += 1
+        all_rows.extend({"method": name, "seed": seed, **r} for r in rows)
+
+    metrics = pd.DataFrame(
+        all_rows, columns=["method", "seed", "task", "metric", "metric_type", "value"]
+    )
+    for derive in (_rare_means, _scib_aggregates):
+        derived = derive(metrics)
+        if not derived.empty:
+            metrics = pd.concat([metrics, derived], ignore_index=True)
+    metrics.insert(0, "dataset", data.name)
+    summary = summarize(metrics)
+    result = SuiteResult(
+        metrics=metrics,
+        summary=summary,
+        out=out,
+        n_computed=n_computed,
+        n_cached=n_cached,
+        skipped=skipped,
+    )
+    result.files = write_report(
+        result,
+        data,
+        cache / dataset_tag,
+        methods=[m for m in methods if m in {r[0] for r in runs}],
+        seeds=list(seeds),
+        max_epochs=max_epochs,
+        command=command,
+        figures=figures,
+        scib_exclude=list(scib_exclude),
+        seconds=time.perf_counter() - started,
+    )
+    return result
+
+
+def _rare_means(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per run, the mean best-match F1 over the rare populations (``f1_mean_rare``)."""
+    rows = metrics[(metrics["task"] == "rare") & metrics["metric"].str.startswith("f1[")]
+    if rows.empty:
+        return pd.DataFrame(columns=metrics.columns)
+    means = rows.groupby(["method", "seed"], sort=False)["value"].mean().reset_index()
+    means["task"], means["metric"], means["metric_type"] = "rare", "f1_mean_rare", ""
+    return means[metrics.columns]
+
+
+def _scib_aggregates(metrics: pd.DataFrame) -> pd.DataFrame:
+    raw = metrics[metrics["task"] == "scib_raw"]
+    if raw.empty:
+        return pd.DataFrame(columns=metrics.columns)
+    frames = []
+    for scaled, task in ((False, "scib"), (True, "scib_minmax")):
+        agg = aggregate_scib(raw, min_max_scale=scaled)
+        long = agg.melt(id_vars=["method", "seed"], var_name="metric", value_name="value")
+        long["task"] = task
+        long["metric_type"] = "Aggregate score"
+        frames.append(long)
+    return pd.concat(frames, ignore_index=True)[metrics.columns]
+
+
+def summarize(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Mean, standard deviation (ddof 1) and count over seeds per method, task and metric."""
+    grouped = metrics.groupby(["method", "task", "metric"], sort=False)["value"]
+    summary = grouped.agg(["mean", "std", "count"]).reset_index()
+    return summary.rename(columns={"count": "n_seeds"})

@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scqbm.benchmark import (
+    METHODS,
+    aggregate_scib,
+    best_matching_cluster,
+    gaussian_ablation_kwargs,
+    run_suite,
+)
+from scqbm.datasets._simulate import simulate
+
+TINY = {
+    "n_cells": 360,
+    "n_genes": 300,
+    "n_markers": 15,
+    "rare_fractions": [0.04, 0.025],
+    "batch_strength": 0.8,
+}
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # kBET is left out: its pynndescent compilation alone takes minutes on a cold process.
+    kwargs = {
+        "dataset": "simulated",
+        "methods": ["pca", "qbmvae_rbm"],
+        "seeds": [0],
+        "out": out,
+        "max_epochs": 2,
+        "dataset_kwargs": TINY,
+        "scib_exclude": ["kbet_per_label"],
+        "progress": False,
+    }
+    first = run_suite(**kwargs)
+    return first, kwargs
+
+
+def test_suite_writes_results(suite):
+    result, _ = suite
+    out = result.out
+    assert result.n_computed == 2 and result.n_cached == 0 and not result.skipped
+    for name in ("metrics.csv", "summary.csv", "README.md"):
+        assert (out / name).exists()
+    for name in (
+        "scib_table.png",
+        "scib_table_minmax.png",
+        "umaps.png",
+        "energy_by_cell_type.png",
+    ):
+        assert (out / "figures" / name).stat().st_size > 1_000
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert set(metrics["method"]) == {"pca", "qbmvae_rbm"}
+    tasks = set(metrics["task"])
+    assert {"scib_raw", "scib", "scib_minmax", "classification", "trajectory", "rare"} <= tasks
+    # Energy only for QBMVAE.
+    assert set(metrics.loc[metrics["task"] == "energy", "method"]) == {"qbmvae_rbm"}
+    bounded = metrics[metrics["task"].isin(["scib_raw", "scib", "scib_minmax", "classification"])]
+    assert bounded["value"].between(0, 1).all()
+    assert "KBET" not in set(metrics["metric"])
+    for task, metric in [
+        ("classification", "f1_weighted"),
+        ("trajectory", "kendall_tau_scaled"),
+        ("rare", "recall_mean_rare"),
+        ("scib", "Total"),
+    ]:
+        values = metrics.query("task == @task and metric == @metric")["value"]
+        assert len(values) == 2 and values.between(0, 1).all(), (task, metric)
+    rho = metrics.query("task == 'energy' and metric.str.startswith('spearman')", engine="python")
+    assert len(rho) == 3 and rho["value"].between(-1, 1).all()
+    # Min-max scaled aggregates span [0, 1] across the runs compared.
+    scaled = metrics.query("task == 'scib_minmax' and metric == 'Total'")["value"]
+    assert scaled.min() >= 0 and scaled.max() <= 1
+    readme = (out / "README.md").read_text()
+    assert "qbmvae_rbm" in readme and "scIB Total" in readme and "kbet_per_label" in readme
+    # Embeddings live in the cache, not next to the committable results.
+    assert not list(out.glob("*.npy"))
+    assert list((out / "runs").rglob("embedding.npy"))
+
+
+def test_rerun_reuses_cache(suite, monkeypatch):
+    result, kwargs = suite
+
+    def boom(*args, **kwargs):
+        raise AssertionError("fit called although the run is cached")
+
+    patched = {name: dataclasses.replace(m, fit=boom) for name, m in METHODS.items()}
+    monkeypatch.setattr("scqbm.benchmark._methods.METHODS", patched)
+    again = run_suite(**kwargs)
+    assert again.n_cached == 2 and again.n_computed == 0 and not again.skipped
+    pd.testing.assert_frame_equal(again.metrics, result.metrics)
+    # Changing the tasks re-scores from the cached embeddings without refitting.
+    rescored = run_suite(**{**kwargs, "tasks": ["classification"], "figures": False})
+    assert rescored.n_computed == 2 and not rescored.skipped
+    # A different training configuration is a new run (the patched fit is called).
+    changed = run_suite(**{**kwargs, "max_epochs": 3, "methods": ["qbmvae_rbm"]})
+    assert changed.n_computed == 0 and "qbmvae_rbm (seed 0)" in changed.skipped
+
+
+def test_gaussian_ablation_matches_qbmvae_architecture():
+    import scvi
+
+    import scqbm
+
+    adata = simulate(n_cells=100, n_genes=200, n_markers=10, seed=0)
+    scqbm.QBMVAE.setup_anndata(adata, layer="counts", batch_key="batch")
+    qbm = scqbm.QBMVAE(adata)
+    scvi.model.SCVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    gauss = scvi.model.SCVI(adata, **gaussian_ablation_kwargs())
+
+    def shapes(module, prefix):
+        return {k: tuple(v.shape) for k, v in module.state_dict().items() if k.startswith(prefix)}
+
+    # Same decoder and same encoder trunk, parameter for parameter.
+    assert shapes(qbm.module, "decoder.") == shapes(gauss.module, "decoder.")
+    assert shapes(qbm.module, "z_encoder.encoder.") == shapes(gauss.module, "z_encoder.encoder.")
+    assert shapes(qbm.module, "z_encoder.encoder.")  # not vacuous
+    assert qbm.module.gene_likelihood == gauss.module.gene_likelihood
+    assert qbm.module.dispersion == gauss.module.dispersion
+    # The latent head differs: Bernoulli logits versus Gaussian mean and variance.
+    assert "z_encoder.logit_encoder.weight" in qbm.module.state_dict()
+    assert "z_encoder.mean_encoder.weight" in gauss.module.state_dict()
+
+
+def test_aggregate_scib_matches_benchmarker_rules():
+    raw = pd.DataFrame(
+        [
+            ("a", 0, "m1", "Bio conservation", 0.2),
+            ("a", 0, "m2", "Bio conservation", 0.6),
+            ("a", 0, "b1", "Batch correction", 0.5),
+            ("b", 0, "m1", "Bio conservation", 0.4),
+            ("b", 0, "m2", "Bio conservation", 0.6),
+            ("b", 0, "b1", "Batch correction", 0.1),
+        ],
+        columns=["method", "seed", "metric", "metric_type", "value"],
+    )
+    plain = aggregate_scib(raw, min_max_scale=False).set_index("method")
+    assert plain.at["a", "Bio conservation"] == pytest.approx(0.4)
+    assert plain.at["a", "Total"] == pytest.approx(0.4 * 0.5 + 0.6 * 0.4)
+    scaled = aggregate_scib(raw, min_max_scale=True).set_index("method")
+    # m1 -> a: 0, b: 1; m2 constant -> 0 (as sklearn's MinMaxScaler); b1 -> a: 1, b: 0.
+    assert scaled.at["a", "Bio conservation"] == pytest.approx(0.0)
+    assert scaled.at["b", "Bio conservation"] == pytest.approx(0.5)
+    assert scaled.at["a", "Total"] == pytest.approx(0.4)
+    assert scaled.at["b", "Total"] == pytest.approx(0.3)
+
+
+def test_best_matching_cluster():
+    clusters = np.array(["0"] * 6 + ["1"] * 4)
+    members = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 0], dtype=bool)
+    scores = best_matching_cluster(clusters, members)
+    assert scores["recall"] == pytest.approx(0.75)
+    assert scores["precision"] == pytest.approx(0.75)
+    assert scores["f1"] == pytest.approx(0.75)
