@@ -61,7 +61,7 @@ class QBMVAEModule(VAE):
         self,
         n_input: int,
         n_latent: int = 32,
-        prior: Literal["bm", "rbm"] = "rbm",
+        prior: Literal["bm", "rbm"] = "bm",
         n_visible: int | None = None,
         relaxation: Literal["spike_exp", "overlapping_exp"] = "spike_exp",
         beta: float = 10.0,
