@@ -138,7 +138,16 @@ class OverlappingExponential(_Relaxation):
         b = rho * (1.0 - e) - a + q * e
         c = q * e  # the quadratic's constant term is -c
         root = torch.sqrt(b * b + 4.0 * a * c)
-        u = torch.where(b >= 0, 2.0 * c / (b + root), (root - b) / (2.0 * a))
+        # torch.where differentiates both branches: in the unused one b + root can round to 0
+        # (b < 0, 4ac << b^2), and 0 * inf would turn the gradient into NaN. Give each branch
+        # a denominator that is safe where it is not selected.
+        positive = b >= 0
+        one = torch.ones_like(b)
+        u = torch.where(
+            positive,
+            2.0 * c / torch.where(positive, b + root, one),
+            (root - b) / torch.where(positive, one, 2.0 * a),
+        )
         return (-torch.log(u) / self.beta).clamp(0.0, 1.0)
 
     def cdf(self, zeta: torch.Tensor) -> torch.Tensor:
