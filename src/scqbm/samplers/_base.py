@@ -112,6 +112,21 @@ class BoltzmannSampler(nn.Module, ABC):
             {"sampler": self.name, "seconds": seconds, **info},
         )
 
+    def _rng(self, device: torch.device) -> torch.Generator | None:
+        """The sampler's own generator on ``device`` (seeded from ``self.seed``), or ``None``.
+
+        One generator per sampler keeps a seeded sampler reproducible without touching the
+        global torch RNG; it is recreated when the model moves to another device.
+        """
+        seed = getattr(self, "seed", None)
+        if seed is None:
+            return None
+        generator = getattr(self, "_generator", None)
+        if generator is None or generator.device != device:
+            generator = torch.Generator(device=device).manual_seed(seed)
+            self._generator = generator
+        return generator
+
     @abstractmethod
     def _sample(
         self, h: torch.Tensor, W: torch.Tensor, num_reads: int, n_visible: int | None

@@ -62,13 +62,6 @@ class GibbsSampler(BoltzmannSampler):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._generator: torch.Generator | None = None
 
-    def _rng(self, device: torch.device) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generator
-
     def _run(self, z, h, W, n_visible, sweeps, generator):
         for _ in range(sweeps):
             z = gibbs_sweep(z, h, W, n_visible, generator=generator)

@@ -183,13 +183,6 @@ class ParallelTemperingSampler(BoltzmannSampler):
         self.register_buffer("rounds", torch.zeros((), dtype=torch.long))
         self._generator: torch.Generator | None = None
 
-    def _rng(self, device: torch.device) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generator
-
     def _run(self, z, h, W, n_visible, rounds, generator):
         """``rounds`` sweeps-and-exchanges of replicas ``z`` ``(n_temps, n_chains, n)``."""
         n_temps, n_chains, n = z.shape
