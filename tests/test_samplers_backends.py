@@ -33,16 +33,6 @@ from scqbm.samplers import _tempering as tempering
 PROBLEMS = [("bm", 12), ("rbm", 14)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_threaded():
-    """Run torch single-threaded here: on a shared 2-core machine, OpenMP threads waiting for
-    a core made these small tensor operations up to 70 times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def dwave():
     """The optional dimod backend's samplers; the test is skipped where they are missing."""

@@ -34,16 +34,6 @@ TOKEN = "s3cret-token"
 LIMITS = ServiceLimits(max_spins=64, max_reads=30_000, max_payload_bytes=100_000)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_threaded():
-    """Run torch single-threaded here: on a shared 2-core machine, OpenMP threads waiting for
-    a core made these small tensor operations up to 70 times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def server():
     with serve_in_background("gibbs", {"burn_in": 50}, token=TOKEN, limits=LIMITS) as running:
