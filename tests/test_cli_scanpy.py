@@ -86,3 +86,14 @@ def test_scanpy_neighbors_umap_leiden_on_embedding(kang_path):
 
     ari = adjusted_rand_score(adata.obs["cell_type_derived"], adata.obs["qbm_leiden"])
     assert ari > 0.2
+
+
+def test_scanpy_neighbors_approximate_path_on_a_large_embedding():
+    """From 8,192 cells scanpy switches to pynndescent; its 0.7 release broke this path."""
+    rng = np.random.default_rng(0)
+    adata = ad.AnnData(np.zeros((9_000, 1), dtype=np.float32))
+    adata.obsm["X_qbmvae"] = rng.random((9_000, 16), dtype=np.float32)
+    sc.pp.neighbors(adata, use_rep="X_qbmvae", n_neighbors=15)
+    neighbours = adata.obsp["distances"].getnnz(axis=1)
+    assert adata.obsp["connectivities"].shape == (9_000, 9_000)
+    assert neighbours.min() >= 14  # k - 1 neighbours besides the cell, or a few more
