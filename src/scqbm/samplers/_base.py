@@ -67,6 +67,15 @@ def validate_problem(h: torch.Tensor, W: torch.Tensor, n_units: int | None = Non
         raise ValueError("W must have a zero diagonal (z_i^2 = z_i would double-count fields).")
 
 
+def check_chain_settings(sampler: str, num_chains: int, num_sweeps: int, burn_in: int) -> None:
+    """Raise a clear ``ValueError`` for chain settings no Markov-chain sampler can use."""
+    if num_chains < 1 or num_sweeps < 1 or burn_in < 0:
+        raise ValueError(
+            f"{sampler} needs num_chains >= 1, num_sweeps >= 1 and burn_in >= 0; got "
+            f"{num_chains}, {num_sweeps}, {burn_in}."
+        )
+
+
 class BoltzmannSampler(nn.Module, ABC):
     """Base class of samplers of Boltzmann distributions over binary vectors.
 

@@ -6,7 +6,7 @@ import torch
 
 from scqbm.prior import gibbs_sweep
 
-from ._base import BoltzmannSampler
+from ._base import BoltzmannSampler, check_chain_settings
 
 
 class GibbsSampler(BoltzmannSampler):
@@ -47,11 +47,7 @@ class GibbsSampler(BoltzmannSampler):
         persistent: bool = True,
     ):
         super().__init__()
-        if num_chains < 1 or num_sweeps < 1 or burn_in < 0:
-            raise ValueError(
-                "GibbsSampler needs num_chains >= 1, num_sweeps >= 1 and burn_in >= 0; got "
-                f"{num_chains}, {num_sweeps}, {burn_in}."
-            )
+        check_chain_settings("GibbsSampler", num_chains, num_sweeps, burn_in)
         self.n_units = n_units
         self.num_chains = num_chains
         self.num_sweeps = num_sweeps

@@ -9,7 +9,7 @@ import torch
 
 from scqbm.prior import boltzmann_energy, gibbs_sweep
 
-from ._base import BoltzmannSampler
+from ._base import BoltzmannSampler, check_chain_settings
 
 
 def swap_log_acceptance(
@@ -149,11 +149,7 @@ class ParallelTemperingSampler(BoltzmannSampler):
         persistent: bool = True,
     ):
         super().__init__()
-        if num_chains < 1 or num_sweeps < 1 or burn_in < 0:
-            raise ValueError(
-                "ParallelTemperingSampler needs num_chains >= 1, num_sweeps >= 1 and "
-                f"burn_in >= 0; got {num_chains}, {num_sweeps}, {burn_in}."
-            )
+        check_chain_settings("ParallelTemperingSampler", num_chains, num_sweeps, burn_in)
         if betas is None:
             if num_temps < 1 or not 0.0 < beta_min < 1.0:
                 raise ValueError(
