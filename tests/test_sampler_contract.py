@@ -7,6 +7,7 @@ chains from step to step.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 
@@ -86,7 +87,9 @@ def test_training_draws_the_declared_reads_and_keeps_claimed_chains(
         if name == "kaiwu_cim":
             kwargs = {**kwargs, "checkpoint_dir": str(tmp_path)}
     QBMVAE.setup_anndata(adata, batch_key="batch")
-    model = QBMVAE(adata, n_latent=6, n_hidden=16, prior="rbm", sampler=name, sampler_kwargs=kwargs)
+    model = QBMVAE(
+        adata, n_latent=6, n_hidden=16, prior="rbm", sampler=name, sampler_kwargs=kwargs
+    )
     module = model.module
     declared = module.sampler.properties
     assert declared["persistent"] is persistent
@@ -112,7 +115,7 @@ def test_training_draws_the_declared_reads_and_keeps_claimed_chains(
         assert result.info.get("persistent", False) is persistent
     if persistent:
         # Each step starts where the previous one ended: the same chains, continued.
-        for (_, previous), (before, _) in zip(records[:-1], records[1:], strict=True):
+        for (_, previous), (before, _) in itertools.pairwise(records):
             state = before[0] if before.dim() == 3 else before
             assert torch.equal(state, previous.samples)
         assert bool(owner.initialized)
@@ -154,7 +157,7 @@ def test_calibrated_sampler_wraps_an_instance_and_forwards_its_properties():
 
 def test_num_negative_samples_follows_or_fills_in_the_declaration(adata):
     QBMVAE.setup_anndata(adata, batch_key="batch")
-    with pytest.raises(ValueError, match="contradicts sampler 'gibbs'.*32 reads"):
+    with pytest.raises(ValueError, match=r"contradicts sampler 'gibbs'.*32 reads"):
         QBMVAE(adata, n_latent=4, sampler_kwargs={"num_chains": 32}, num_negative_samples=16)
     model = QBMVAE(adata, n_latent=4, sampler_kwargs={"num_chains": 32})
     assert model.module.num_negative_samples == 32
