@@ -106,8 +106,11 @@ def test_drift_bound_holds_for_random_moves(structure):
 
 @pytest.mark.parametrize("method", ["exact", "ais"])
 def test_logged_log_z_follows_a_fast_moving_prior(adata, monkeypatch, method):
-    """Dense prior, lr 1e-2 (1e-1 for the prior) on a tiny dataset: at every training step the log Z the ELBO uses
-    stays within the tolerance (guaranteed by the bound for exact log Z) of the exact value."""
+    """Dense prior, lr 1e-2 (1e-1 for the prior) on a tiny dataset.
+
+    At every training step the log Z the ELBO uses stays within the tolerance (guaranteed by
+    the bound for exact log Z) of the exact value.
+    """
     QBMVAE.setup_anndata(adata, batch_key="batch")
     model = QBMVAE(
         adata, n_latent=16, n_hidden=16, prior="bm", log_partition=method,
