@@ -76,6 +76,8 @@ class QBMVAE(
         beyond). ``"rbm"``: bipartite (block Gibbs, exact log Z up to 40 units), ~10% faster
         to train. On the Kang PBMCs (3 seeds, 20 epochs) ``"bm"`` had the higher scIB Total
         (0.746 vs 0.708; scVI 0.593); see ``benchmarks/results``.
+        ``"factorial"``: the ablation without couplings (fields only; exact log Z
+        ``sum softplus(h)``, no negative phase).
     relaxation
         ``"spike_exp"`` (spike-and-exponential, the paper's choice) or ``"overlapping_exp"``
         (DVAE++).
@@ -120,7 +122,7 @@ class QBMVAE(
         dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
         gene_likelihood: Literal["zinb", "nb", "poisson", "normal"] = "zinb",
         use_observed_lib_size: bool = True,
-        prior: Literal["bm", "rbm"] = "bm",
+        prior: Literal["bm", "rbm", "factorial"] = "bm",
         relaxation: Literal["spike_exp", "overlapping_exp"] = "spike_exp",
         beta: float = 10.0,
         sampler: str = "gibbs",
