@@ -233,21 +233,23 @@ class BoltzmannPrior(nn.Module):
         """
         if method not in ("auto", "exact", "ais"):
             raise ValueError(f"`method` must be 'auto', 'exact' or 'ais', got {method!r}.")
-        if method == "exact" or (method == "auto" and self.can_enumerate()):
-            return LogPartitionEstimate(float(self.log_partition_exact()), 0.0, "exact")
-        return ais_log_partition(
-            self.h,
-            self.coupling_matrix(),
-            self.n_visible,
-            **{**self.ais_kwargs, **ais_kwargs},
-        )
+        # Outside inference mode even for queries: the enumerated states are cached and must
+        # stay usable by later differentiable computations.
+        with torch.inference_mode(False):
+            if method == "exact" or (method == "auto" and self.can_enumerate()):
+                return LogPartitionEstimate(float(self.log_partition_exact()), 0.0, "exact")
+            return ais_log_partition(
+                self.h,
+                self.coupling_matrix(),
+                self.n_visible,
+                **{**self.ais_kwargs, **ais_kwargs},
+            )
 
     def estimate(self, final: bool = False, **ais_kwargs) -> LogPartitionEstimate:
         """A fresh estimate with the prior's own method (``final``: the precise AIS settings)."""
         base = self.final_ais_kwargs if final else self.ais_kwargs
         method = "exact" if self.exact else "ais"
-        with torch.inference_mode(False):
-            return self.log_partition(method, **{**base, **ais_kwargs})
+        return self.log_partition(method, **{**base, **ais_kwargs})
 
     def refresh(self, final: bool = False, **ais_kwargs) -> LogPartitionEstimate:
         """Re-estimate log Z and store it (value, standard error, reference parameters).
