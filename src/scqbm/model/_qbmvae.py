@@ -21,6 +21,7 @@ from scvi.data.fields import (
     NumericalJointObsField,
     NumericalObsField,
 )
+from scvi.model._utils import _get_batch_code_from_category
 from scvi.model.base import (
     ArchesMixin,
     BaseMinifiedModeModelClass,
@@ -39,6 +40,7 @@ from scqbm._validation import (
     check_obs_keys,
 )
 from scqbm.model._genes import match_genes
+from scqbm.model._importance import draw_posterior, importance_weights, torch_seeded_rng
 from scqbm.model._setup import (
     library_log_stats,
     redo_undone_setup,
@@ -596,26 +598,164 @@ class QBMVAE(
         out.obsm["z_binary"] = z.cpu().numpy().astype(np.int8)
         return out
 
-    def get_normalized_expression(self, *args, weights: str | None = None, **kwargs):
+    def get_normalized_expression(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        transform_batch=None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | Literal["latent"] = 1,
+        n_samples: int = 1,
+        n_samples_overall: int | None = None,
+        weights: Literal["uniform", "importance"] | None = None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+        silent: bool = True,
+        dataloader=None,
+        data_loader_kwargs: dict | None = None,
+        **importance_weighting_kwargs,
+    ):
         """Normalised expression, as :meth:`scvi.model.SCVI.get_normalized_expression`.
 
-        All of SCVI's arguments (``transform_batch``, ``n_samples``, ``library_size``,
-        ``gene_list``, ...) work the same way; ``weights="importance"`` is not available for the
-        Boltzmann prior (use the default uniform weights).
+        All of SCVI's arguments work the same way. ``weights="importance"`` (with
+        ``n_samples_overall``, as in scvi-tools) resamples posterior draws
+        ``(z, zeta) ~ q(z|x) r(zeta|z)`` by their importance weights for the group of cells
+        (see :meth:`get_importance_weights`), with the Boltzmann prior in place of scVI's
+        Gaussian.
         """
-        if weights == "importance":
-            self.get_importance_weights()
-        return super().get_normalized_expression(*args, weights=weights, **kwargs)
+        if weights == "importance" and n_samples_overall is not None and dataloader is None:
+            return self._importance_sampled_expression(
+                adata,
+                indices,
+                transform_batch,
+                gene_list,
+                library_size,
+                n_samples_overall,
+                batch_size,
+                return_numpy,
+                data_loader_kwargs or {},
+                importance_weighting_kwargs,
+            )
+        # scvi only uses the weights with n_samples_overall (and cannot store our posterior).
+        return super().get_normalized_expression(
+            adata=adata,
+            indices=indices,
+            transform_batch=transform_batch,
+            gene_list=gene_list,
+            library_size=library_size,
+            n_samples=n_samples,
+            n_samples_overall=n_samples_overall,
+            weights=None if weights == "importance" else weights,
+            batch_size=batch_size,
+            return_mean=return_mean,
+            return_numpy=return_numpy,
+            silent=silent,
+            dataloader=dataloader,
+            data_loader_kwargs=data_loader_kwargs,
+        )
 
-    def get_importance_weights(self, *args, **kwargs):
-        """Not available: scvi's importance weights assume a Gaussian latent.
+    @torch.inference_mode()
+    def _importance_sampled_expression(
+        self,
+        adata,
+        indices,
+        transform_batch,
+        gene_list,
+        library_size,
+        n_samples_overall,
+        batch_size,
+        return_numpy,
+        data_loader_kwargs,
+        importance_weighting_kwargs,
+    ):
+        adata = self._validate_anndata(adata)
+        indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        batches = _get_batch_code_from_category(
+            self.get_anndata_manager(adata, required=True), transform_batch
+        )
+        if len(batches) > 1:
+            raise NotImplementedError(
+                "Importance weights cannot be computed when expression levels are averaged "
+                "across batches; pass one `transform_batch` (or None)."
+            )
+        gene_mask = slice(None) if gene_list is None else adata.var_names.isin(gene_list)
+        n_samples = n_samples_overall // len(indices) + 1
+        draws = draw_posterior(
+            self,
+            adata,
+            indices,
+            n_samples,
+            transform_batch=batches[0],
+            library_size=library_size,
+            gene_mask=gene_mask,
+            batch_size=batch_size,
+            **data_loader_kwargs,
+        )
+        p = self.get_importance_weights(
+            adata, indices, px=draws.px, zs=draws.z, **importance_weighting_kwargs
+        )
+        expression = draws.expression.reshape(-1, draws.expression.shape[-1])
+        chosen = torch_seeded_rng().choice(len(expression), n_samples_overall, p=p, replace=True)
+        expression = expression[chosen]
+        if return_numpy:
+            return expression
+        return pd.DataFrame(expression, columns=adata.var_names[gene_mask])
 
-        Use ``weights="uniform"`` (the default) in :meth:`get_normalized_expression` and
-        :meth:`differential_expression`.
+    def get_importance_weights(
+        self,
+        adata: AnnData | None,
+        indices: Sequence[int] | None,
+        px: list,
+        zs: torch.Tensor,
+        max_cells: int = 1024,
+        truncation: bool = False,
+        n_mc_samples: int = 500,
+        n_mc_samples_per_pass: int = 250,
+        **data_loader_kwargs,
+    ) -> np.ndarray:
+        """Importance weights of posterior draws for the posterior of a group of cells.
+
+        The QBMVAE counterpart of :meth:`scvi.model.base.RNASeqMixin.get_importance_weights`:
+        the draws ``(z_s, zeta_s) ~ q(z|x) r(zeta|z)`` of the cells in ``indices`` are
+        weighted towards ``(1/M) sum_m p(z, zeta | x_m)`` over ``M <= max_cells`` anchor cells,
+
+        ``w_s ∝ p(z_s) sum_m [p(x_m | zeta_s) / p(x_m)] / sum_m q(z_s | x_m)``,
+
+        with the Boltzmann log-prior ``log p(z) = -E(z) - log Z`` in place of scVI's Gaussian
+        (``r(zeta | z)`` cancels between target and proposal). ``log p(x_m)`` is
+        :meth:`get_marginal_ll` with ``n_mc_samples``.
+
+        Parameters
+        ----------
+        adata, indices
+            The cells the draws come from.
+        px
+            Decoder distributions of the draws, one per mini-batch, each over
+            ``(n_samples, cells, genes)``.
+        zs
+            Binary codes of the draws, ``(n_samples, n_cells, n_latent)``.
+        max_cells, truncation, n_mc_samples, n_mc_samples_per_pass, **data_loader_kwargs
+            As in scvi-tools.
+
+        Returns
+        -------
+        Weights summing to one, for the draws flattened over ``(n_samples, n_cells)``.
+
         """
-        raise NotImplementedError(
-            "Importance weights are not implemented for the Boltzmann prior; use "
-            "weights='uniform' (the default)."
+        adata = self._validate_anndata(adata)
+        indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        return importance_weights(
+            self,
+            adata,
+            indices,
+            px,
+            zs,
+            max_cells=max_cells,
+            truncation=truncation,
+            n_mc_samples=n_mc_samples,
+            n_mc_samples_per_pass=n_mc_samples_per_pass,
+            **data_loader_kwargs,
         )
 
     # ----------------------------------------------------------- load / query
