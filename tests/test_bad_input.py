@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
 import pytest
@@ -47,10 +48,29 @@ def assert_unchanged(adata, before):
         (lambda a: a.X.__setitem__((1, 1), np.inf), {}, "NaN or infinite"),
         (lambda a: a.X.__setitem__((2, 2), -3), {}, "negative values"),
         (lambda a: a.X.__setitem__(3, 0), {}, "filter_cells"),
-        (lambda a: a.X.__setitem__((slice(None), 4), 0), {}, "filter_genes"),
         (lambda a: None, {"layer": "counts"}, "Layer 'counts' not found"),
         (lambda a: None, {"batch_key": "sample"}, "batch_key"),
         (lambda a: None, {"categorical_covariate_keys": ["donor"]}, "categorical_covariate_keys"),
+        (
+            lambda a: a.obs.__setitem__("age", np.r_[np.nan, np.ones(a.n_obs - 1)]),
+            {"continuous_covariate_keys": ["age"]},
+            "Continuous covariate 'age' has 1 NaN",
+        ),
+        (
+            lambda a: a.obs.__setitem__("age", np.r_[np.ones(a.n_obs - 1), np.inf]),
+            {"continuous_covariate_keys": ["age"]},
+            "NaN or infinite",
+        ),
+        (
+            lambda a: a.obs.__setitem__("age", ["x"] * a.n_obs),
+            {"continuous_covariate_keys": ["age"]},
+            "not numeric",
+        ),
+        (
+            lambda a: a.obs.__setitem__("sf", np.r_[0.0, np.ones(a.n_obs - 1)]),
+            {"size_factor_key": "sf"},
+            "finite and positive",
+        ),
     ],
 )
 def test_setup_rejects_bad_data_without_touching_adata(adata, corrupt, kwargs, match):
@@ -70,12 +90,23 @@ def test_sparse_input_is_checked_too(adata):
         QBMVAE.setup_anndata(adata)
 
 
-def test_non_integer_values_with_count_likelihood(adata):
+def test_non_integer_values_warn_as_in_scvi(adata):
+    # scvi-tools warns (ambient-corrected counts such as CellBender's are not integers).
     adata.X = np.log1p(adata.X.astype(np.float32))
-    QBMVAE.setup_anndata(adata, batch_key="batch")
-    with pytest.raises(InvalidInputError, match="gene_likelihood='normal'"):
-        QBMVAE(adata)
-    QBMVAE(adata, gene_likelihood="normal", n_latent=4)  # the named fix works
+    with pytest.warns(UserWarning, match="not integers.*gene_likelihood='normal'"):
+        QBMVAE.setup_anndata(adata, batch_key="batch")
+    QBMVAE(adata, n_latent=4)
+    QBMVAE(adata, gene_likelihood="normal", n_latent=4)
+
+
+def test_genes_without_counts_are_kept_with_a_logged_warning(adata, caplog):
+    adata.X[:, [4, 7]] = 0
+    with caplog.at_level(logging.WARNING, logger="scqbm"):
+        QBMVAE.setup_anndata(adata, batch_key="batch")
+    assert "2 of 40 genes have no counts" in caplog.text and "gene_4" in caplog.text
+    model = QBMVAE(adata, n_latent=4)
+    model.train(max_epochs=1, enable_progress_bar=False)
+    assert np.isfinite(model.get_latent_representation()).all()
 
 
 def test_bad_model_arguments(adata):
@@ -98,9 +129,16 @@ def test_genes_that_do_not_match_on_load_and_query(adata, tmp_path):
     model = QBMVAE(adata, n_latent=4)
     model.train(max_epochs=1, enable_progress_bar=False)
     model.save(tmp_path / "m")
+    latent = model.get_latent_representation()
     other = adata[:, ::-1].copy()
-    with pytest.raises(InvalidInputError, match="different order"):
-        QBMVAE.load(tmp_path / "m", adata=other)
+    with pytest.warns(UserWarning, match="another order; reordering"):
+        loaded = QBMVAE.load(tmp_path / "m", adata=other)
+    assert list(other.var_names) == list(adata.var_names)  # reordered in place
+    np.testing.assert_allclose(loaded.get_latent_representation(), latent, rtol=1e-5, atol=1e-6)
+    permuted_query = adata[:, ::-1].copy()
+    with pytest.warns(UserWarning, match="another order"):
+        QBMVAE.load_query_data(permuted_query, model)
+    assert list(permuted_query.var_names) == list(adata.var_names)
     fewer = adata[:, 5:].copy()
     with pytest.raises(InvalidInputError, match="5 of the model's genes are missing"):
         QBMVAE.load_query_data(fewer, model)
@@ -154,3 +192,68 @@ def test_setup_does_not_copy_or_mutate_counts(adata):
     X = copy.deepcopy(adata.X)
     QBMVAE.setup_anndata(adata, batch_key="batch")
     np.testing.assert_array_equal(adata.X, X)
+
+
+def test_setup_checks_every_value_chunk_by_chunk(adata, monkeypatch):
+    # Chunks of 50 stored values: each defect sits beyond the first chunk.
+    from scqbm import _validation
+
+    monkeypatch.setattr(_validation, "CHUNK_VALUES", 50)
+    counts = adata.X.astype(np.float32)
+    for make in (np.asarray, sp.csr_matrix, sp.csc_matrix):
+        for value, kind in ((np.nan, UserWarning), (-1.0, UserWarning), (0.5, None)):
+            data = adata.copy()
+            X = counts.copy()
+            X[-1, -1] = value
+            data.X = make(X)
+            if kind is None:
+                with pytest.warns(UserWarning, match="1 values are not integers"):
+                    QBMVAE.setup_anndata(data)
+            else:
+                with pytest.raises(InvalidInputError, match=r"NaN|negative"):
+                    QBMVAE.setup_anndata(data)
+
+
+def test_non_integer_count_after_the_first_million_values_is_found():
+    rng = np.random.default_rng(0)
+    X = sp.random(2_100, 1_000, density=0.5, format="csr", random_state=0, dtype=np.float32)
+    X.data = rng.integers(1, 5, size=X.nnz).astype(np.float32)
+    assert X.nnz > 1_000_000
+    X.data[-1] = 1.5
+    from anndata import AnnData
+
+    data = AnnData(X)
+    with pytest.warns(UserWarning, match="1 values are not integers"):
+        QBMVAE.setup_anndata(data)
+
+
+def test_error_in_model_construction_leaves_adata_as_before_setup(adata):
+    before = snapshot(adata)
+    QBMVAE.setup_anndata(adata, batch_key="batch")
+    assert "_scvi_batch" in adata.obs
+    with pytest.raises(ValueError, match="relaxation") as info:
+        QBMVAE(adata, relaxation="gumbel")
+    assert "restored to its state before" in "".join(getattr(info.value, "__notes__", []))
+    assert not [c for c in adata.obs.columns if c.startswith("_scvi_")]
+    assert "_scvi_uuid" not in adata.uns and "_scvi_manager_uuid" not in adata.uns
+    assert_unchanged(adata, before)
+    # The corrected call works without a second setup_anndata.
+    model = QBMVAE(adata, n_latent=4)
+    assert model.adata_manager.get_state_registry("batch").original_key == "batch"
+
+
+def test_single_cell_clear_error_for_training_and_fine_for_queries(adata):
+    one = adata[:1].copy()
+    QBMVAE.setup_anndata(one)
+    model = QBMVAE(one, n_latent=4)  # scvi's library statistics crashed on one cell
+    with pytest.raises(InvalidInputError, match="at least 3 cells"):
+        model.train(max_epochs=1, enable_progress_bar=False)
+    QBMVAE.setup_anndata(adata)
+    reference = QBMVAE(adata, n_latent=4)
+    reference.train(max_epochs=1, enable_progress_bar=False)
+    assert reference.get_latent_representation(adata[:1].copy()).shape == (1, 4)
+
+
+def test_no_adata_and_no_registry_names_the_data_module_way():
+    with pytest.raises(ValueError, match=r"registry=datamodule.registry"):
+        QBMVAE()

@@ -70,6 +70,17 @@ def test_latent_representation_variants(trained, adata):
     np.testing.assert_array_equal(mean, trained.get_latent_representation())  # deterministic
     binary = trained.get_latent_representation(give_mean=False, representation="binary")
     assert set(np.unique(binary)) <= {0.0, 1.0}
+    # As in SCVI, give_mean=False is a posterior draw (binary by default), new on each call.
+    draws = [trained.get_latent_representation(give_mean=False) for _ in range(2)]
+    assert set(np.unique(draws[0])) <= {0.0, 1.0} and not np.array_equal(*draws)
+    many = np.mean([trained.get_latent_representation(give_mean=False) for _ in range(50)], 0)
+    assert np.abs(many - mean).max() < 5 * 0.5 / np.sqrt(50)
+    relaxed_mean = trained.get_latent_representation(representation="relaxed")
+    np.testing.assert_allclose(
+        relaxed_mean, mean * (1 - 1 / 10.0 + 1 / np.expm1(10.0)), rtol=1e-5
+    )  # spike-and-exponential, beta=10: E[zeta] = q (1 - E[exp tail])
+    with pytest.raises(ValueError, match="is the posterior mean"):
+        trained.get_latent_representation(give_mean=False, representation="probabilities")
     relaxed = trained.get_latent_representation(give_mean=False, representation="relaxed")
     assert np.all((relaxed >= 0) & (relaxed <= 1))
     m, v = trained.get_latent_representation(return_dist=True)
@@ -92,8 +103,10 @@ def test_expression_de_and_predictive(trained, adata):
     assert {"proba_de", "lfc_mean"} <= set(change.columns)
     sample = trained.posterior_predictive_sample(n_samples=2)
     assert sample.shape == (*adata.shape, 2)
-    with pytest.raises(NotImplementedError, match="uniform"):
-        trained.get_normalized_expression(n_samples_overall=10, weights="importance")
+    weighted = trained.get_normalized_expression(
+        n_samples_overall=10, weights="importance", n_mc_samples=5
+    )
+    assert weighted.shape == (10, adata.n_vars)
 
 
 def test_elbo_reconstruction_marginal_ll(trained):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -12,6 +13,7 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
+from scvi.data._utils import _get_adata_minify_type
 from scvi.data.fields import (
     CategoricalJointObsField,
     CategoricalObsField,
@@ -19,10 +21,10 @@ from scvi.data.fields import (
     NumericalJointObsField,
     NumericalObsField,
 )
-from scvi.model._utils import _init_library_size
+from scvi.model._utils import _get_batch_code_from_category
 from scvi.model.base import (
     ArchesMixin,
-    BaseModelClass,
+    BaseMinifiedModeModelClass,
     EmbeddingMixin,
     RNASeqMixin,
     UnsupervisedTrainingMixin,
@@ -31,7 +33,22 @@ from scvi.model.base import (
 from scvi.module._constants import MODULE_KEYS
 from scvi.utils import setup_anndata_dsp
 
-from scqbm._validation import InvalidInputError, check_counts, check_expression, check_obs_keys
+from scqbm._validation import (
+    check_expression,
+    check_model_data,
+    check_numeric_obs,
+    check_obs_keys,
+)
+from scqbm.model._genes import match_genes
+from scqbm.model._importance import draw_posterior, importance_weights, torch_seeded_rng
+from scqbm.model._setup import (
+    library_log_stats,
+    redo_undone_setup,
+    remember_setup,
+    restore_setup,
+    setup_snapshot,
+    undo_setup,
+)
 from scqbm.module import QBMVAEModule
 from scqbm.prior import LogPartitionEstimate
 from scqbm.train import QBMTrainingPlan
@@ -50,7 +67,7 @@ class QBMVAE(
     VAEMixin,
     ArchesMixin,
     UnsupervisedTrainingMixin,
-    BaseModelClass,
+    BaseMinifiedModeModelClass,
 ):
     """Single-cell VAE with a Boltzmann-machine prior over binary latents (QBM-VAE).
 
@@ -130,74 +147,94 @@ class QBMVAE(
         log_partition: Literal["auto", "exact", "ais"] = "auto",
         **kwargs,
     ):
-        super().__init__(adata, registry)
-        if gene_likelihood not in (*COUNT_LIKELIHOODS, "normal"):
+        if adata is None and registry is None:
             raise ValueError(
-                f"`gene_likelihood` must be one of {[*COUNT_LIKELIHOODS, 'normal']}, "
-                f"got {gene_likelihood!r}."
+                "QBMVAE needs `adata` (set up with QBMVAE.setup_anndata) or, to train from a "
+                "custom LightningDataModule, its registry: "
+                "`QBMVAE(adata=None, registry=datamodule.registry)`, then "
+                "`model.train(datamodule=datamodule)`."
             )
-        if adata is not None and gene_likelihood in COUNT_LIKELIHOODS:
-            check_counts(
-                self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY), gene_likelihood
+        if adata is not None:
+            redo_undone_setup(type(self), adata)
+        try:
+            super().__init__(adata, registry)
+            if gene_likelihood not in (*COUNT_LIKELIHOODS, "normal"):
+                raise ValueError(
+                    f"`gene_likelihood` must be one of {[*COUNT_LIKELIHOODS, 'normal']}, "
+                    f"got {gene_likelihood!r}."
+                )
+            self._module_kwargs = {
+                "n_hidden": n_hidden,
+                "n_latent": n_latent,
+                "n_layers": n_layers,
+                "dropout_rate": dropout_rate,
+                "dispersion": dispersion,
+                "gene_likelihood": gene_likelihood,
+                "prior": prior,
+                "relaxation": relaxation,
+                "beta": beta,
+                "sampler": sampler,
+                "sampler_kwargs": sampler_kwargs,
+                "log_partition": log_partition,
+                **kwargs,
+            }
+            self._model_summary_string = (
+                "QBMVAE model (Boltzmann-machine prior over binary latents) with parameters:\n"
+                f"n_hidden: {n_hidden}, n_latent: {n_latent}, n_layers: {n_layers}, "
+                f"dropout_rate: {dropout_rate}, dispersion: {dispersion}, "
+                f"gene_likelihood: {gene_likelihood}, prior: {prior}, relaxation: {relaxation} "
+                f"(beta={beta}), sampler: {sampler}, log_partition: {log_partition}."
             )
-        self._module_kwargs = {
-            "n_hidden": n_hidden,
-            "n_latent": n_latent,
-            "n_layers": n_layers,
-            "dropout_rate": dropout_rate,
-            "dispersion": dispersion,
-            "gene_likelihood": gene_likelihood,
-            "prior": prior,
-            "relaxation": relaxation,
-            "beta": beta,
-            "sampler": sampler,
-            "sampler_kwargs": sampler_kwargs,
-            "log_partition": log_partition,
-            **kwargs,
-        }
-        self._model_summary_string = (
-            "QBMVAE model (Boltzmann-machine prior over binary latents) with parameters:\n"
-            f"n_hidden: {n_hidden}, n_latent: {n_latent}, n_layers: {n_layers}, "
-            f"dropout_rate: {dropout_rate}, dispersion: {dispersion}, "
-            f"gene_likelihood: {gene_likelihood}, prior: {prior}, relaxation: {relaxation} "
-            f"(beta={beta}), sampler: {sampler}, log_partition: {log_partition}."
-        )
-        registry_ = self.registry_["field_registries"]
-        cat_state = registry_[REGISTRY_KEYS.CAT_COVS_KEY]["state_registry"]
-        n_cats_per_cov = tuple(cat_state["n_cats_per_key"]) if cat_state else None
-        n_batch = self.summary_stats.n_batch
-        use_size_factor_key = self.registry_["setup_args"][f"{REGISTRY_KEYS.SIZE_FACTOR_KEY}_key"]
-        library_log_means, library_log_vars = None, None
-        if adata is not None and not use_size_factor_key:
-            # Kept for `generate` as well as for a learned library prior.
-            library_log_means, library_log_vars = _init_library_size(self.adata_manager, n_batch)
-            self.library_log_means_ = library_log_means
-            self.library_log_vars_ = library_log_vars
-        self.module = self._module_cls(
-            n_input=self.summary_stats.n_vars,
-            n_batch=n_batch,
-            n_labels=self.summary_stats.n_labels,
-            n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
-            n_cats_per_cov=n_cats_per_cov,
-            n_hidden=n_hidden,
-            n_latent=n_latent,
-            n_layers=n_layers,
-            dropout_rate=dropout_rate,
-            dispersion=dispersion,
-            gene_likelihood=gene_likelihood,
-            use_observed_lib_size=use_observed_lib_size,
-            use_size_factor_key=use_size_factor_key,
-            library_log_means=None if use_observed_lib_size else library_log_means,
-            library_log_vars=None if use_observed_lib_size else library_log_vars,
-            prior=prior,
-            relaxation=relaxation,
-            beta=beta,
-            sampler=sampler,
-            sampler_kwargs=sampler_kwargs,
-            log_partition=log_partition,
-            **kwargs,
-        )
-        self.init_params_ = self._get_init_params(locals())
+            # A registry from setup_anndata or from a custom data module (setup_datamodule).
+            registry_ = self.registry_["field_registries"]
+            cat_state = registry_.get(REGISTRY_KEYS.CAT_COVS_KEY, {}).get("state_registry")
+            n_cats_per_cov = tuple(cat_state["n_cats_per_key"]) if cat_state else None
+            n_batch = self.summary_stats.n_batch
+            use_size_factor_key = self.registry_["setup_args"].get(
+                f"{REGISTRY_KEYS.SIZE_FACTOR_KEY}_key"
+            )
+            library_log_means, library_log_vars = None, None
+            if adata is not None and not use_size_factor_key and not self.minified_data_type:
+                # Kept for `generate` as well as for a learned library prior.
+                library_log_means, library_log_vars = library_log_stats(
+                    self.adata_manager, n_batch
+                )
+                self.library_log_means_ = library_log_means
+                self.library_log_vars_ = library_log_vars
+            self.module = self._module_cls(
+                n_input=self.summary_stats.n_vars,
+                n_batch=n_batch,
+                n_labels=self.summary_stats.get("n_labels", 1),
+                n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
+                n_cats_per_cov=n_cats_per_cov,
+                n_hidden=n_hidden,
+                n_latent=n_latent,
+                n_layers=n_layers,
+                dropout_rate=dropout_rate,
+                dispersion=dispersion,
+                gene_likelihood=gene_likelihood,
+                use_observed_lib_size=use_observed_lib_size,
+                use_size_factor_key=use_size_factor_key,
+                library_log_means=None if use_observed_lib_size else library_log_means,
+                library_log_vars=None if use_observed_lib_size else library_log_vars,
+                prior=prior,
+                relaxation=relaxation,
+                beta=beta,
+                sampler=sampler,
+                sampler_kwargs=sampler_kwargs,
+                log_partition=log_partition,
+                **kwargs,
+            )
+            self.module.minified_data_type = self.minified_data_type
+            self.init_params_ = self._get_init_params(locals())
+        except Exception as err:
+            # Leave the user's AnnData as it was before setup_anndata (no `_scvi_*` entries).
+            if adata is not None and undo_setup(type(self), adata):
+                err.add_note(
+                    "The AnnData was restored to its state before `QBMVAE.setup_anndata` (no "
+                    "`_scvi_*` entries left); the next `QBMVAE(adata, ...)` sets it up again."
+                )
+            raise
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -216,8 +253,12 @@ class QBMVAE(
         """%(summary)s.
 
         Same fields and defaults as :meth:`scvi.model.SCVI.setup_anndata`. The data are checked
-        first (layer and obs keys exist; values finite and non-negative; no all-zero cells or
-        genes), and nothing is written to ``adata`` if a check fails.
+        first, every value and chunk by chunk (so backed AnnData works): the layer and obs keys
+        exist; values are finite and non-negative; every cell has counts; continuous covariates
+        are finite; size factors are positive. Nothing is written to ``adata`` if a check fails.
+        As in scvi-tools, genes without counts are kept (with a logged warning: a query
+        prepared with :meth:`prepare_query_anndata` has them by design) and non-integer
+        values give a warning, not an error.
 
         Parameters
         ----------
@@ -238,19 +279,44 @@ class QBMVAE(
             categorical_covariate_keys=categorical_covariate_keys,
             continuous_covariate_keys=continuous_covariate_keys,
         )
-        check_expression(adata, layer)
-        setup_method_args = cls._get_setup_method_args(**locals())
+        check_numeric_obs(adata, continuous_covariate_keys, size_factor_key)
+        setup_method_args = cls._get_setup_method_args(**locals())  # before new locals
+        minify_type = _get_adata_minify_type(adata)
+        if minify_type is None:  # a minified AnnData has no counts left to check
+            check_expression(adata, layer)
         anndata_fields = [
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            # is_count_data=False: check_expression already looked at every value (scvi's own
+            # check samples 20 values and would repeat the warning).
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
             CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
             NumericalObsField(REGISTRY_KEYS.SIZE_FACTOR_KEY, size_factor_key, required=False),
             CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
             NumericalJointObsField(REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys),
         ]
+        if minify_type is not None:
+            anndata_fields += cls._get_fields_for_adata_minification(minify_type)
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
-        adata_manager.register_fields(adata, **kwargs)
+        snapshot = setup_snapshot(adata)
+        try:
+            adata_manager.register_fields(adata, **kwargs)
+        except Exception:
+            restore_setup(adata, snapshot)  # a failed registration writes nothing either
+            raise
+        remember_setup(adata, snapshot)
         cls.register_manager(adata_manager)
+
+    # --------------------------------------------------------------- training
+    def train(self, *args, datamodule=None, **kwargs):
+        """Train the model, as :meth:`scvi.model.SCVI.train` (same arguments).
+
+        With a custom ``datamodule`` (a :class:`~lightning.pytorch.LightningDataModule`
+        yielding scvi-tools batches), build the model with
+        ``QBMVAE(adata=None, registry=datamodule.registry)``.
+        """
+        if datamodule is None and self.adata is not None:
+            check_model_data(self.adata.n_obs)
+        return super().train(*args, datamodule=datamodule, **kwargs)
 
     # ---------------------------------------------------------------- queries
     def _posterior_outputs(
@@ -275,26 +341,34 @@ class QBMVAE(
         batch_size: int | None = None,
         return_dist: bool = False,
         dataloader: Iterator[dict[str, Tensor | None]] | None = None,
-        representation: Literal["probabilities", "binary", "relaxed"] = "probabilities",
+        representation: Literal["binary", "relaxed", "probabilities"] | None = None,
         **data_loader_kwargs,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """Latent representation of each cell.
+        """Latent representation of each cell under the Bernoulli posterior ``q(z|x)``.
+
+        The posterior is a product of Bernoulli distributions, one per binary unit, with
+        probabilities ``q_i = q(z_i = 1 | x)``; the decoder sees a relaxed ``zeta`` in [0, 1]
+        drawn from ``r(zeta | z)``.
 
         Parameters
         ----------
         adata, indices, batch_size, dataloader
             As in :meth:`scvi.model.SCVI.get_latent_representation`.
         give_mean
-            ``True`` (default): the posterior mean of the binary latent, ``q(z_i = 1 | x)``,
-            a deterministic embedding in [0, 1]^n. ``False``: one sample, binary or relaxed
-            according to ``representation``.
+            ``True`` (default): the posterior mean, deterministic: ``q`` (in [0, 1]^n) for the
+            binary latent, ``E[zeta | x]`` for the relaxed one. ``False``: one draw from the
+            posterior, as SCVI returns ``z ~ q(z|x)``: binary ``z`` in {0, 1}^n by default, or
+            ``zeta`` with ``representation="relaxed"``. Each call draws anew.
         mc_samples
-            Unused (the posterior mean is analytic); kept for SCVI's signature.
+            Unused (the posterior means are analytic); kept for SCVI's signature.
         return_dist
-            Return ``(mean, variance)`` of the Bernoulli posterior, like SCVI's ``(qz_m, qz_v)``.
+            Return ``(q, q (1 - q))``: the mean and variance of each unit's Bernoulli posterior
+            (SCVI returns the Gaussian's ``(qz_m, qz_v)``). They determine the posterior; its
+            logits are ``log q - log(1 - q)``.
         representation
-            With ``give_mean=False``: ``"binary"`` draws ``z ~ q(z|x)``, ``"relaxed"`` draws
-            the smoothed ``zeta`` the decoder sees. ``"probabilities"`` returns the mean.
+            Which latent: ``"binary"`` (``z``, the default) or ``"relaxed"`` (``zeta``).
+            ``"probabilities"`` is the binary posterior mean ``q``; it cannot be combined with
+            ``give_mean=False`` (a probability is not a draw).
 
         Returns
         -------
@@ -302,27 +376,33 @@ class QBMVAE(
 
         """
         self._check_if_trained(warn=False)
-        if representation not in ("probabilities", "binary", "relaxed"):
+        if representation not in (None, "binary", "relaxed", "probabilities"):
             raise ValueError(
-                "`representation` must be 'probabilities', 'binary' or 'relaxed', got "
+                "`representation` must be 'binary', 'relaxed' or 'probabilities', got "
                 f"{representation!r}."
             )
-        means, variances, samples = [], [], []
+        if representation == "probabilities" and not give_mean and not return_dist:
+            raise ValueError(
+                "representation='probabilities' is the posterior mean q(z=1|x); with "
+                "give_mean=False pass representation='binary' (z ~ q(z|x)) or 'relaxed'."
+            )
+        relaxed = representation == "relaxed"
+        means, variances, values = [], [], []
         for outputs in self._posterior_outputs(
             adata, indices, batch_size, dataloader, **data_loader_kwargs
         ):
             qz = outputs[MODULE_KEYS.QZ_KEY]
             probs = qz.probs
-            means.append(probs.cpu())
-            variances.append((probs * (1 - probs)).cpu())
-            if not give_mean:
-                draw = torch.bernoulli(probs) if representation == "binary" else qz.sample()
-                samples.append(draw.cpu())
+            if return_dist:
+                means.append(probs.cpu())
+                variances.append((probs * (1 - probs)).cpu())
+            elif give_mean:
+                values.append((qz.mean if relaxed else probs).cpu())
+            else:
+                values.append((qz.sample() if relaxed else torch.bernoulli(probs)).cpu())
         if return_dist:
             return torch.cat(means).numpy(), torch.cat(variances).numpy()
-        if give_mean or representation == "probabilities":
-            return torch.cat(means).numpy()
-        return torch.cat(samples).numpy()
+        return torch.cat(values).numpy()
 
     @torch.inference_mode()
     def get_energy(
@@ -490,52 +570,169 @@ class QBMVAE(
         out.obsm["z_binary"] = z.cpu().numpy().astype(np.int8)
         return out
 
-    def get_normalized_expression(self, *args, weights: str | None = None, **kwargs):
+    def get_normalized_expression(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        transform_batch=None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | Literal["latent"] = 1,
+        n_samples: int = 1,
+        n_samples_overall: int | None = None,
+        weights: Literal["uniform", "importance"] | None = None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+        silent: bool = True,
+        dataloader=None,
+        data_loader_kwargs: dict | None = None,
+        **importance_weighting_kwargs,
+    ):
         """Normalised expression, as :meth:`scvi.model.SCVI.get_normalized_expression`.
 
-        All of SCVI's arguments (``transform_batch``, ``n_samples``, ``library_size``,
-        ``gene_list``, ...) work the same way; ``weights="importance"`` is not available for the
-        Boltzmann prior (use the default uniform weights).
+        All of SCVI's arguments work the same way. ``weights="importance"`` (with
+        ``n_samples_overall``, as in scvi-tools) resamples posterior draws
+        ``(z, zeta) ~ q(z|x) r(zeta|z)`` by their importance weights for the group of cells
+        (see :meth:`get_importance_weights`), with the Boltzmann prior in place of scVI's
+        Gaussian.
         """
-        if weights == "importance":
-            self.get_importance_weights()
-        return super().get_normalized_expression(*args, weights=weights, **kwargs)
+        if weights == "importance" and n_samples_overall is not None and dataloader is None:
+            return self._importance_sampled_expression(
+                adata,
+                indices,
+                transform_batch,
+                gene_list,
+                library_size,
+                n_samples_overall,
+                batch_size,
+                return_numpy,
+                data_loader_kwargs or {},
+                importance_weighting_kwargs,
+            )
+        # scvi only uses the weights with n_samples_overall (and cannot store our posterior).
+        return super().get_normalized_expression(
+            adata=adata,
+            indices=indices,
+            transform_batch=transform_batch,
+            gene_list=gene_list,
+            library_size=library_size,
+            n_samples=n_samples,
+            n_samples_overall=n_samples_overall,
+            weights=None if weights == "importance" else weights,
+            batch_size=batch_size,
+            return_mean=return_mean,
+            return_numpy=return_numpy,
+            silent=silent,
+            dataloader=dataloader,
+            data_loader_kwargs=data_loader_kwargs,
+        )
 
-    def get_importance_weights(self, *args, **kwargs):
-        """Not available: scvi's importance weights assume a Gaussian latent.
+    @torch.inference_mode()
+    def _importance_sampled_expression(
+        self,
+        adata,
+        indices,
+        transform_batch,
+        gene_list,
+        library_size,
+        n_samples_overall,
+        batch_size,
+        return_numpy,
+        data_loader_kwargs,
+        importance_weighting_kwargs,
+    ):
+        adata = self._validate_anndata(adata)
+        indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        batches = _get_batch_code_from_category(
+            self.get_anndata_manager(adata, required=True), transform_batch
+        )
+        if len(batches) > 1:
+            raise NotImplementedError(
+                "Importance weights cannot be computed when expression levels are averaged "
+                "across batches; pass one `transform_batch` (or None)."
+            )
+        gene_mask = slice(None) if gene_list is None else adata.var_names.isin(gene_list)
+        n_samples = n_samples_overall // len(indices) + 1
+        draws = draw_posterior(
+            self,
+            adata,
+            indices,
+            n_samples,
+            transform_batch=batches[0],
+            library_size=library_size,
+            gene_mask=gene_mask,
+            batch_size=batch_size,
+            **data_loader_kwargs,
+        )
+        p = self.get_importance_weights(
+            adata, indices, px=draws.px, zs=draws.z, **importance_weighting_kwargs
+        )
+        expression = draws.expression.reshape(-1, draws.expression.shape[-1])
+        chosen = torch_seeded_rng().choice(len(expression), n_samples_overall, p=p, replace=True)
+        expression = expression[chosen]
+        if return_numpy:
+            return expression
+        return pd.DataFrame(expression, columns=adata.var_names[gene_mask])
 
-        Use ``weights="uniform"`` (the default) in :meth:`get_normalized_expression` and
-        :meth:`differential_expression`.
+    def get_importance_weights(
+        self,
+        adata: AnnData | None,
+        indices: Sequence[int] | None,
+        px: list,
+        zs: torch.Tensor,
+        max_cells: int = 1024,
+        truncation: bool = False,
+        n_mc_samples: int = 500,
+        n_mc_samples_per_pass: int = 250,
+        **data_loader_kwargs,
+    ) -> np.ndarray:
+        """Importance weights of posterior draws for the posterior of a group of cells.
+
+        The QBMVAE counterpart of :meth:`scvi.model.base.RNASeqMixin.get_importance_weights`:
+        the draws ``(z_s, zeta_s) ~ q(z|x) r(zeta|z)`` of the cells in ``indices`` are
+        weighted towards ``(1/M) sum_m p(z, zeta | x_m)`` over ``M <= max_cells`` anchor cells,
+
+        ``w_s ∝ p(z_s) sum_m [p(x_m | zeta_s) / p(x_m)] / sum_m q(z_s | x_m)``,
+
+        with the Boltzmann log-prior ``log p(z) = -E(z) - log Z`` in place of scVI's Gaussian
+        (``r(zeta | z)`` cancels between target and proposal). ``log p(x_m)`` is
+        :meth:`get_marginal_ll` with ``n_mc_samples``.
+
+        Parameters
+        ----------
+        adata, indices
+            The cells the draws come from.
+        px
+            Decoder distributions of the draws, one per mini-batch, each over
+            ``(n_samples, cells, genes)``.
+        zs
+            Binary codes of the draws, ``(n_samples, n_cells, n_latent)``.
+        max_cells, truncation, n_mc_samples, n_mc_samples_per_pass, **data_loader_kwargs
+            As in scvi-tools.
+
+        Returns
+        -------
+        Weights summing to one, for the draws flattened over ``(n_samples, n_cells)``.
+
         """
-        raise NotImplementedError(
-            "Importance weights are not implemented for the Boltzmann prior; use "
-            "weights='uniform' (the default)."
+        adata = self._validate_anndata(adata)
+        indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        return importance_weights(
+            self,
+            adata,
+            indices,
+            px,
+            zs,
+            max_cells=max_cells,
+            truncation=truncation,
+            n_mc_samples=n_mc_samples,
+            n_mc_samples_per_pass=n_mc_samples_per_pass,
+            **data_loader_kwargs,
         )
 
     # ----------------------------------------------------------- load / query
     @staticmethod
-    def _check_genes(saved_var_names, adata: AnnData, what: str) -> None:
-        saved = pd.Index(np.asarray(saved_var_names).astype(str))
-        given = pd.Index(adata.var_names.astype(str))
-        if saved.equals(given):
-            return
-        missing, extra = saved.difference(given), given.difference(saved)
-        detail = (
-            f"{len(missing)} of the model's genes are missing (e.g. {list(missing[:3])}), "
-            f"{len(extra)} are new (e.g. {list(extra[:3])})"
-            if len(missing) or len(extra)
-            else "the same genes are in a different order"
-        )
-        raise InvalidInputError(
-            f"Genes of the AnnData passed to {what} do not match the model's: {detail}. "
-            "Subset and order them first, e.g. `adata = adata[:, model_genes].copy()`, or use "
-            "`QBMVAE.prepare_query_anndata(adata, reference)` which also pads missing genes."
-        )
-
-    @staticmethod
     def _saved_var_names(dir_path: str, prefix: str | None):
-        import os
-
         path = os.path.join(dir_path, f"{prefix or ''}model.pt")
         return torch.load(path, map_location="cpu", weights_only=False)["var_names"]
 
@@ -543,31 +740,39 @@ class QBMVAE(
     def load(
         cls, dir_path: str, adata: AnnData | None = None, prefix: str | None = None, **kwargs
     ):
-        """Load a saved model; with ``adata``, its genes must match the model's exactly.
+        """Load a saved model; with ``adata``, its genes must be the model's.
 
-        See :meth:`scvi.model.base.BaseModelClass.load` for the other arguments.
+        The same genes in another order are reordered in place with a warning (scvi-tools
+        only warns); missing or extra genes are an error. See
+        :meth:`scvi.model.base.BaseModelClass.load` for the other arguments.
         """
-        if adata is not None:
-            cls._check_genes(cls._saved_var_names(dir_path, prefix), adata, "QBMVAE.load")
+        if adata is not None and adata is not False:
+            match_genes(cls._saved_var_names(dir_path, prefix), adata, "QBMVAE.load")
         return super().load(dir_path, adata=adata, prefix=prefix, **kwargs)
 
     @classmethod
     def load_query_data(cls, adata: AnnData | None = None, reference_model=None, *args, **kwargs):
         """Map a query dataset onto a trained reference (scArches surgery).
 
-        Genes must match the reference (use :meth:`prepare_query_anndata` first, or
-        ``inplace_subset_query_vars=True``); new batch categories extend the model, the prior
-        stays frozen. See :meth:`scvi.model.base.ArchesMixin.load_query_data`.
+        Genes must be the reference's (use :meth:`prepare_query_anndata` first, which pads
+        missing genes with zeros, or ``inplace_subset_query_vars=True``); the same genes in
+        another order are reordered in place with a warning. Genes without counts are
+        accepted. New batch categories extend the model, the prior stays frozen. See
+        :meth:`scvi.model.base.ArchesMixin.load_query_data`.
         """
         if (
             adata is not None
+            and adata is not False
             and reference_model is not None
             and not kwargs.get("inplace_subset_query_vars", False)
         ):
-            saved = (
-                cls._saved_var_names(reference_model, None)
-                if isinstance(reference_model, str)
-                else reference_model.adata.var_names
-            )
-            cls._check_genes(saved, adata, "QBMVAE.load_query_data")
+            if isinstance(reference_model, str | os.PathLike):
+                saved = cls._saved_var_names(reference_model, None)
+            elif reference_model.adata is not None:
+                saved = reference_model.adata.var_names
+            else:  # trained from a data module: the registry holds the genes
+                saved = reference_model.registry_["field_registries"][REGISTRY_KEYS.X_KEY][
+                    "state_registry"
+                ]["column_names"]
+            match_genes(saved, adata, "QBMVAE.load_query_data")
         return super().load_query_data(adata, reference_model, *args, **kwargs)
