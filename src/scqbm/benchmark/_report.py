@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._cache import method_dir
-
 __all__ = ["HEADLINE", "write_report"]
 
 #: (task, metric, column title) of the headline table; all are "higher is better".
@@ -182,7 +180,7 @@ def _figure_umaps(data, run_root: Path, methods: list[str], seed: int, path: Pat
 
     coords = {}
     for m in methods:
-        f = run_root / method_dir(m) / f"seed{seed}" / "umap.npy"
+        f = run_root(m) / f"seed{seed}" / "umap.npy"
         if f.exists():
             coords[m] = np.load(f)
     if not coords:
@@ -234,7 +232,7 @@ def _figure_energy(data, run_root: Path, methods: list[str], seed: int, path: Pa
 
     energies = {}
     for m in methods:
-        f = run_root / method_dir(m) / f"seed{seed}" / "extras.npz"
+        f = run_root(m) / f"seed{seed}" / "extras.npz"
         if f.exists():
             with np.load(f) as extras:
                 if "energy" in extras.files:
@@ -258,6 +256,26 @@ def _figure_energy(data, run_root: Path, methods: list[str], seed: int, path: Pa
     return True
 
 
+def _regime_sentence(training: str, max_epochs: int, metrics: pd.DataFrame) -> str:
+    epochs = metrics[(metrics["task"] == "fit") & (metrics["metric"] == "epochs")]["value"]
+    ran = f" (epochs run: {int(epochs.min())}-{int(epochs.max())})" if len(epochs) else ""
+    if training == "matched":
+        return (
+            f"neural methods trained for {max_epochs} epochs (batch size 128, scvi-tools "
+            "defaults otherwise, KL warm-up included)."
+        )
+    if training == "default":
+        return (
+            "each neural method constructed and trained with its own defaults, exactly "
+            "`Model(adata)` + `model.train()` (scvi-tools' epoch heuristic, 400-epoch KL "
+            f"warm-up, batch size 128, 90% train split){ran}."
+        )
+    return (
+        "each model's defaults plus `early_stopping=True` (validation ELBO, patience 45, "
+        f"at most scvi-tools' heuristic epochs){ran}."
+    )
+
+
 # ---------------------------------------------------------------------- report
 def write_report(
     result,
@@ -270,6 +288,7 @@ def write_report(
     figures: bool,
     seconds: float,
     scib_exclude: list[str] | None = None,
+    training: str = "matched",
 ) -> list[Path]:
     """Write ``metrics.csv``, ``summary.csv``, ``README.md`` and ``figures/*.png``."""
     from ._methods import resolve_method
@@ -318,8 +337,8 @@ def write_report(
         "```",
         "",
         f"- Data: {data.description}.",
-        f"- Seeds: {seeds}; neural methods trained for {max_epochs} epochs "
-        "(batch size 128, scvi-tools defaults otherwise, KL warm-up included).",
+        f"- Seeds: {seeds}; training regime `{training}`: "
+        + _regime_sentence(training, max_epochs, result.metrics),
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
         f"{_torch_threads()}, Python {sys.version.split()[0]}; scqbm {_pkg_version('scqbm')}, "
         f"scvi-tools "
