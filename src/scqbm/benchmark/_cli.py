@@ -105,6 +105,11 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument("--no-umap", action="store_true", help="Skip UMAPs.")
     parser.add_argument("--no-figures", action="store_true", help="Skip figures.")
     parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    parser.add_argument(
+        "--only-cached",
+        action="store_true",
+        help="Train nothing: report the finished runs of the cache, list the others as not run.",
+    )
     return parser
 
 
@@ -136,6 +141,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         figures=not args.no_figures,
         progress=not args.no_progress,
         command=command,
+        only_cached=args.only_cached,
     )
     print(
         f"scqbm benchmark: {result.n_computed} runs computed, {result.n_cached} reused; "

@@ -213,8 +213,11 @@ def _train_scvi_like(cls, adata, batch_key, seed, training, model_kwargs, extra=
         "epochs": float(n_epochs),
         "max_epochs": float(max_epochs),
         "train_seconds": float(train_seconds),
+        # Only meaningful for uninterrupted runs (a resumed run adds its earlier seconds).
         "cells_per_second": float(n_train * n_epochs / max(train_seconds, 1e-9)),
     }
+    if callback is not None and callback.first_epoch:
+        info["resumed_at_epoch"] = float(callback.first_epoch)
     if extra is not None:
         more_extras, more_info = extra(model)
         extras.update(more_extras)

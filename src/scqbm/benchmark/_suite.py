@@ -143,6 +143,7 @@ def run_suite(
     figures: bool = True,
     progress: bool = True,
     command: str | None = None,
+    only_cached: bool = False,
 ) -> SuiteResult:
     """Run methods x seeds on a dataset, score every task and write the results folder.
 
@@ -199,6 +200,9 @@ def run_suite(
         Show a progress bar over the runs.
     command
         The command line to record in the report (the CLI passes its own).
+    only_cached
+        Train nothing: neural runs without a finished fit in the cache are listed as not run
+        (to write the page while long runs go on elsewhere); untrained methods still run.
 
     Returns
     -------
@@ -282,6 +286,13 @@ def run_suite(
         computed = False
         try:
             output = load_output(run_dir, fit_config)
+            if output is None and only_cached and method.trained:
+                state = run_dir / "train_state.json"
+                where = json.loads(state.read_text())["epoch"] if state.exists() else 0
+                skipped[f"{name} (seed {seed})"] = (
+                    f"not run yet: no finished run in the cache ({where} epochs checkpointed)"
+                )
+                continue
             if output is None:
                 computed = True
                 cached_tasks = {}
