@@ -27,6 +27,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class MethodOutput:
     """What a fitted method hands to the tasks.

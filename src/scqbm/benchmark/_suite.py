@@ -305,9 +305,7 @@ def run_suite(
                 )
                 run_dir.mkdir(parents=True, exist_ok=True)
                 if method.trained:
-                    output = method.fit(
-                        data.adata, data.batch_key, seed, training, **model_kwargs
-                    )
+                    output = method.fit(data.adata, data.batch_key, seed, training, **model_kwargs)
                 else:
                     output = method.fit(data.adata, data.batch_key, seed, training)
                 save_output(run_dir, fit_config, output)
@@ -369,9 +367,11 @@ def run_suite(
     result.files = write_report(
         result,
         data,
-        lambda m: run_dir_of(
-            cache, dataset_tag, m, 0, regime_of.config() if resolved[m][0].trained else None
-        ).parent,
+        lambda m: (
+            run_dir_of(
+                cache, dataset_tag, m, 0, regime_of.config() if resolved[m][0].trained else None
+            ).parent
+        ),
         methods=[m for m in methods if m in {r[0] for r in runs}],
         seeds=list(seeds),
         max_epochs=max_epochs,
