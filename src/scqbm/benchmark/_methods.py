@@ -369,7 +369,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "scvi",
-            "scVI, default architecture, trained for the suite's epochs",
+            "scVI, default architecture (n_latent=10), trained under the suite's regime",
             _fit_scvi,
             accepts_kwargs=True,
             trained=True,
