@@ -158,3 +158,56 @@ def test_best_matching_cluster():
     assert scores["recall"] == pytest.approx(0.75)
     assert scores["precision"] == pytest.approx(0.75)
     assert scores["f1"] == pytest.approx(0.75)
+
+
+def test_marker_ranks_orders_by_lfc_and_bayes_factor():
+    from scqbm.benchmark import marker_ranks
+
+    de = pd.DataFrame(
+        {
+            "lfc_mean": [3.0, 1.0, 2.0, -4.0, 2.0],
+            "bayes_factor": [0.5, 6.0, 2.0, 9.0, 1.0],
+            "is_de_fdr_0.05": [True, True, False, True, False],
+        },
+        index=["A", "B", "C", "D", "E"],
+    )
+    ranks = marker_ranks(de, ["C", "B", "MISSING"])
+    # By lfc_mean (decreasing): A 1, C and E tie at 2, B 4, D 5.
+    assert ranks["rank_lfc[C]"] == 2 and ranks["rank_lfc[B]"] == 4
+    # By Bayes factor (decreasing): D 1, B 2, C 3, E 4, A 5 (down-regulated D counts too).
+    assert ranks["rank_bf[B]"] == 2 and ranks["rank_bf[C]"] == 3
+    assert ranks["rank_lfc"] == 2 and ranks["rank_bf"] == 2
+    assert ranks["n_fdr"] == 3
+    assert not any("MISSING" in k for k in ranks)
+
+
+def test_training_regimes_and_resume(tmp_path, monkeypatch):
+    import json
+
+    from scqbm.benchmark import Training
+    from scqbm.benchmark._methods import _fit_scvi
+    from scqbm.benchmark._training import train_kwargs_of
+
+    assert train_kwargs_of(Training("default", None), None) == {"enable_progress_bar": False}
+    assert train_kwargs_of(Training("early_stopping", None), None)["early_stopping"] is True
+    matched = train_kwargs_of(Training("matched", 7), {"lr": 1e-3})
+    assert matched["max_epochs"] == 7 and matched["plan_kwargs"] == {"lr": 1e-3}
+    with pytest.raises(ValueError, match="regime"):
+        Training("converged")
+
+    data = simulate(n_cells=120, n_genes=60, n_markers=5, seed=0)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # Stop after 2 epochs with the state kept, as a killed run leaves it.
+    monkeypatch.setattr("scqbm.benchmark._training.clear_run_state", lambda training: None)
+    first = Training("matched", 2, run_dir=run_dir, checkpoint_every=1)
+    _fit_scvi(data, "batch", 0, first)
+    assert (run_dir / "last.ckpt").exists()
+    assert json.loads((run_dir / "train_state.json").read_text())["epoch"] == 1
+    # The continued run restores the checkpoint (epoch 1) and trains epochs 1 and 2 only.
+    monkeypatch.undo()
+    out = _fit_scvi(data, "batch", 0, Training("matched", 3, run_dir=run_dir, checkpoint_every=1))
+    assert out.info["resumed_at_epoch"] == 1
+    assert list(out.history.index) == [0, 1, 2]
+    assert out.info["epochs"] == 3
+    assert not (run_dir / "last.ckpt").exists() and (run_dir / "model" / "model.pt").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ._cli import add_benchmark_arguments, run_benchmark
 from ._data import DATASETS, BenchmarkDataset, load_dataset
+from ._de import KANG_MARKERS, de_marker_metrics, marker_ranks
 from ._integration import aggregate_scib, scib_metrics_for_embedding
 from ._methods import (
     DEFAULT_METHODS,
@@ -28,23 +29,29 @@ from ._tasks import (
     rare_cell_metrics,
     trajectory_metrics,
 )
+from ._training import REGIMES, Training
 
 __all__ = [
     "DATASETS",
     "DEFAULT_METHODS",
+    "KANG_MARKERS",
     "METHODS",
+    "REGIMES",
     "TASKS",
     "BenchmarkDataset",
     "Method",
     "MethodOutput",
     "SuiteResult",
+    "Training",
     "add_benchmark_arguments",
     "aggregate_scib",
     "best_matching_cluster",
     "classification_metrics",
+    "de_marker_metrics",
     "energy_metrics",
     "gaussian_ablation_kwargs",
     "load_dataset",
+    "marker_ranks",
     "per_cell_elbo_terms",
     "rare_cell_metrics",
     "resolve_method",

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ._methods import MethodOutput
 
-__all__ = ["digest", "load_output", "method_dir", "run_dir_of", "save_output"]
+__all__ = ["digest", "load_output", "method_dir", "regime_dir", "run_dir_of", "save_output"]
 
 
 def digest(obj) -> str:
@@ -25,8 +26,19 @@ def method_dir(spec: str) -> str:
     return f"{readable[:60]}-{digest(spec)}"
 
 
-def run_dir_of(cache: Path, dataset_tag: str, method: str, seed: int) -> Path:
-    return cache / dataset_tag / method_dir(method) / f"seed{seed}"
+def regime_dir(training_config: dict | None) -> str:
+    """Cache folder of a training regime (``untrained`` for PCA, Harmony, Scanorama)."""
+    if not training_config:
+        return "untrained"
+    if training_config["training"] == "matched":
+        return f"matched-{training_config['max_epochs']}ep"
+    return training_config["training"]
+
+
+def run_dir_of(
+    cache: Path, dataset_tag: str, method: str, seed: int, training_config: dict | None = None
+) -> Path:
+    return cache / dataset_tag / regime_dir(training_config) / method_dir(method) / f"seed{seed}"
 
 
 def load_output(run_dir: Path, fit_config: dict) -> MethodOutput | None:
@@ -40,8 +52,11 @@ def load_output(run_dir: Path, fit_config: dict) -> MethodOutput | None:
     if (run_dir / "extras.npz").exists():
         with np.load(run_dir / "extras.npz") as data:
             extras = {k: data[k] for k in data.files}
+    history = None
+    if (run_dir / "history.csv").exists():
+        history = pd.read_csv(run_dir / "history.csv", index_col="epoch")
     return MethodOutput(
-        np.load(run_dir / "embedding.npy"), saved["seconds"], extras, saved["info"]
+        np.load(run_dir / "embedding.npy"), saved["seconds"], extras, saved["info"], history
     )
 
 
@@ -50,6 +65,8 @@ def save_output(run_dir: Path, fit_config: dict, output: MethodOutput) -> None:
     np.save(run_dir / "embedding.npy", output.embedding)
     if output.extras:
         np.savez(run_dir / "extras.npz", **output.extras)
+    if output.history is not None and len(output.history):
+        output.history.to_csv(run_dir / "history.csv")
     (run_dir / "fit.json").write_text(
         json.dumps(
             {"config": fit_config, "seconds": output.seconds, "info": output.info},

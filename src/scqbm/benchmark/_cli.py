@@ -10,6 +10,7 @@ import sys
 from ._data import DATASETS
 from ._methods import DEFAULT_METHODS, METHODS, resolve_method
 from ._suite import TASKS, run_suite
+from ._training import REGIMES
 
 __all__ = ["add_benchmark_arguments", "run_benchmark"]
 
@@ -59,7 +60,20 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument(
         "--seeds", type=_ints, default=[0, 1, 2], help="Comma-separated (default: 0,1,2)."
     )
-    parser.add_argument("--max-epochs", type=int, default=20, help="(default: %(default)s)")
+    parser.add_argument(
+        "--training",
+        choices=REGIMES,
+        default="matched",
+        help=(
+            "Training regime of the neural methods: 'default' (Model(adata).train() exactly: "
+            "scvi's epoch heuristic, full KL warm-up, its batch size), 'matched' (--max-epochs "
+            "and batch size 128 for all) or 'early_stopping' (defaults plus scvi's early "
+            "stopping on the validation ELBO). Default: %(default)s."
+        ),
+    )
+    parser.add_argument(
+        "--max-epochs", type=int, default=20, help="Epochs of the matched regime (%(default)s)."
+    )
     parser.add_argument(
         "--tasks", type=_csv, default=list(TASKS), help=f"Subset of {','.join(TASKS)}."
     )
@@ -91,6 +105,11 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument("--no-umap", action="store_true", help="Skip UMAPs.")
     parser.add_argument("--no-figures", action="store_true", help="Skip figures.")
     parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    parser.add_argument(
+        "--only-cached",
+        action="store_true",
+        help="Train nothing: report the finished runs of the cache, list the others as not run.",
+    )
     return parser
 
 
@@ -109,6 +128,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         out=args.out,
         max_epochs=args.max_epochs,
+        training=args.training,
         tasks=args.tasks,
         cache_dir=args.cache_dir,
         max_cells=args.max_cells,
@@ -121,6 +141,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         figures=not args.no_figures,
         progress=not args.no_progress,
         command=command,
+        only_cached=args.only_cached,
     )
     print(
         f"scqbm benchmark: {result.n_computed} runs computed, {result.n_cached} reused; "

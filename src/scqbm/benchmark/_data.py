@@ -9,6 +9,8 @@ import numpy as np
 import scanpy as sc
 from anndata import AnnData
 
+from ._de import KANG_MARKERS
+
 __all__ = ["DATASETS", "BenchmarkDataset", "load_dataset"]
 
 
@@ -35,6 +37,8 @@ class BenchmarkDataset:
         Population that is subsampled to 1%, 0.5% and 0.2% of the cells for the rare-cell task.
     has_trajectory
         Whether ``obs["pseudotime"]`` and ``obs["branch"]`` hold a ground-truth trajectory.
+    markers
+        Canonical marker genes per label, scored by the differential-expression task.
 
     """
 
@@ -46,6 +50,7 @@ class BenchmarkDataset:
     rare_labels: list[str] = field(default_factory=list)
     subsample_label: str | None = None
     has_trajectory: bool = False
+    markers: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _smallest_labels(adata: AnnData, label_key: str, n: int) -> list[str]:
@@ -98,6 +103,7 @@ def _kang(max_cells: int | None = None, seed: int = 0, **_) -> BenchmarkDataset:
         ),
         rare_labels=_smallest_labels(adata, labels, 2),
         subsample_label=_smallest_above(adata, labels, 0.02),
+        markers=KANG_MARKERS,
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from importlib.util import find_spec
 
 import numpy as np
+import pandas as pd
 import torch
 from anndata import AnnData
 
@@ -25,9 +26,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Training settings shared by every neural method (besides ``max_epochs``).
-TRAIN_KWARGS = {"batch_size": 128, "enable_progress_bar": False}
 
 
 @dataclass
@@ -44,7 +42,10 @@ class MethodOutput:
         Per-cell arrays from models: ``energy`` (QBMVAE prior energy), ``reconstruction_ll``
         (``log p(x | z)`` of one posterior sample), ``kl_z`` and ``elbo``.
     info
-        Scalars to record (for example the final ``log Z``, epochs actually run).
+        Scalars to record (for example the final ``log Z``, epochs actually run, training
+        throughput ``cells_per_second``).
+    history
+        Per-epoch training history of neural methods (ELBO, KL, reconstruction, log Z, ...).
 
     """
 
@@ -52,6 +53,7 @@ class MethodOutput:
     seconds: float
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     info: dict[str, float] = field(default_factory=dict)
+    history: pd.DataFrame | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ class Method:
     description
         One line for the report.
     fit
-        ``fit(adata, batch_key, seed, max_epochs) -> MethodOutput``.
+        ``fit(adata, batch_key, seed, training, **model_kwargs) -> MethodOutput`` with a
+        :class:`~scqbm.benchmark.Training` (regime, epochs, run folder).
     stochastic
         ``False`` for methods whose embedding does not depend on the seed (run once).
     needs_batch
@@ -75,6 +78,10 @@ class Method:
     accepts_kwargs
         Whether variants ``name(key=value, ...)`` may pass model arguments (see
         :func:`resolve_method`).
+    trained
+        Neural methods, trained under the suite's training regime (cached per regime).
+    requires_prior
+        A ``prior`` option of :class:`scqbm.QBMVAE` the method needs (skipped without it).
 
     """
 
@@ -85,9 +92,13 @@ class Method:
     needs_batch: bool = False
     requires: str | None = None
     accepts_kwargs: bool = False
+    trained: bool = False
+    requires_prior: str | None = None
 
     def unavailable_reason(self, batch_key: str | None) -> str | None:
         """Why the method cannot run here, or ``None``."""
+        if self.requires_prior is not None and not _qbmvae_has_prior(self.requires_prior):
+            return f"this scqbm's QBMVAE has no prior={self.requires_prior!r}"
         if self.requires is not None and find_spec(self.requires) is None:
             return f"{self.requires} is not installed (pip install 'scqbm[benchmark]' installs it)"
         if self.needs_batch and batch_key is None:
@@ -96,6 +107,23 @@ class Method:
 
 
 # ---------------------------------------------------------------------- helpers
+def _qbmvae_has_prior(prior: str) -> bool:
+    from typing import get_args
+
+    from scqbm import QBMVAE
+
+    annotation = inspect.signature(QBMVAE.__init__, eval_str=True).parameters["prior"].annotation
+    if prior in get_args(annotation):
+        return True
+    from scqbm.prior import BoltzmannPrior
+
+    try:  # the annotation may lag behind the prior's accepted structures
+        BoltzmannPrior(2, structure=prior)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 def _seed_everything(seed: int) -> None:
     import scvi
 
@@ -143,8 +171,12 @@ def per_cell_elbo_terms(model, adata: AnnData, batch_size: int = 1024) -> dict[s
     return {"reconstruction_ll": rec_ll, "kl_z": kl, "elbo": rec_ll - kl - kl_lib}
 
 
-def _train_scvi_like(cls, adata, batch_key, seed, max_epochs, model_kwargs, extra=None):
+def _train_scvi_like(cls, adata, batch_key, seed, training, model_kwargs, extra=None):
     import warnings
+
+    from scvi.model._utils import get_max_epochs_heuristic
+
+    from ._training import clear_run_state, make_callback, resume_checkpoint, train_kwargs_of
 
     model_kwargs = dict(model_kwargs)
     plan_kwargs = model_kwargs.pop("plan_kwargs", None)
@@ -153,40 +185,88 @@ def _train_scvi_like(cls, adata, batch_key, seed, max_epochs, model_kwargs, extr
     cls.setup_anndata(work, batch_key=batch_key)
     start = time.perf_counter()
     model = cls(work, **model_kwargs)
+    kwargs = train_kwargs_of(training, plan_kwargs)
+    max_epochs = kwargs.get("max_epochs") or get_max_epochs_heuristic(work.n_obs)
+    callback = None
+    if training.run_dir is not None:
+        callback = make_callback(training, max_epochs)
+        kwargs["callbacks"] = [callback]
+        ckpt = resume_checkpoint(training)
+        if ckpt is not None:
+            logger.info("%s: resuming from %s", training.label, ckpt)
+            kwargs["ckpt_path"] = ckpt
     with warnings.catch_warnings():
         # Lightning's per-fit notices (logging interval, dataloader workers) are noise here.
         warnings.filterwarnings("ignore", module="lightning")
-        model.train(max_epochs=max_epochs, plan_kwargs=plan_kwargs, **TRAIN_KWARGS)
+        model.train(**kwargs)
+    train_seconds = callback.seconds() if callback is not None else time.perf_counter() - start
     embedding = np.asarray(model.get_latent_representation(), dtype=np.float32)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start + (callback.seconds_before if callback else 0.0)
     torch.manual_seed(seed)
     extras = per_cell_elbo_terms(model, work)
-    info = {"epochs": float(len(model.history["elbo_train"]))}
+    history = callback.history(model.trainer) if callback is not None else None
+    if history is None or history.empty:
+        history = _history(model)
+    n_epochs = int(history.index.max()) + 1 if len(history) else 0
+    train_indices = getattr(model, "train_indices", None)
+    n_train = len(train_indices) if train_indices is not None else work.n_obs
+    info = {
+        "epochs": float(n_epochs),
+        "max_epochs": float(max_epochs),
+        "train_seconds": float(train_seconds),
+        # Only meaningful for uninterrupted runs (a resumed run adds its earlier seconds).
+        "cells_per_second": float(n_train * n_epochs / max(train_seconds, 1e-9)),
+    }
+    if callback is not None and callback.first_epoch:
+        info["resumed_at_epoch"] = float(callback.first_epoch)
     if extra is not None:
         more_extras, more_info = extra(model)
         extras.update(more_extras)
         info.update(more_info)
-    return MethodOutput(embedding, seconds, extras, info)
+    if training.run_dir is not None:
+        # The model is kept for tasks that need it (differential expression).
+        model.save(str(training.run_dir / "model"), overwrite=True, save_anndata=False)
+        (training.run_dir / "model" / "model_class.txt").write_text(
+            f"{cls.__module__}.{cls.__name__}"
+        )
+        clear_run_state(training)
+    return MethodOutput(embedding, seconds, extras, info, history)
+
+
+def _history(model) -> pd.DataFrame:
+    from ._training import _history_frame
+
+    return _history_frame(model.history or {})
 
 
 # ---------------------------------------------------------------------- methods
-def _fit_pca(adata, batch_key, seed, max_epochs) -> MethodOutput:
+def _fit_pca(adata, batch_key, seed, training) -> MethodOutput:
     start = time.perf_counter()
     embedding = np.asarray(adata.obsm["X_pca"], dtype=np.float32)
     return MethodOutput(embedding, time.perf_counter() - start)
 
 
-def _fit_scvi(adata, batch_key, seed, max_epochs, **model_kwargs) -> MethodOutput:
+def _fit_scvi(adata, batch_key, seed, training, **model_kwargs) -> MethodOutput:
     import scvi
 
-    return _train_scvi_like(scvi.model.SCVI, adata, batch_key, seed, max_epochs, model_kwargs)
+    return _train_scvi_like(scvi.model.SCVI, adata, batch_key, seed, training, model_kwargs)
 
 
-def _fit_scvi_default(adata, batch_key, seed, max_epochs, **model_kwargs) -> MethodOutput:
+def _fit_scvi_default(adata, batch_key, seed, training, **model_kwargs) -> MethodOutput:
+    import dataclasses
+
     import scvi
 
-    # max_epochs=None: scvi's own heuristic, min(round(20,000 / n_cells * 400), 400).
-    return _train_scvi_like(scvi.model.SCVI, adata, batch_key, seed, None, model_kwargs)
+    # scVI's own defaults whatever the suite's regime (its heuristic, up to 400 epochs).
+    training = dataclasses.replace(training, regime="default")
+    return _train_scvi_like(scvi.model.SCVI, adata, batch_key, seed, training, model_kwargs)
+
+
+def _fit_scvi_30x2(adata, batch_key, seed, training, **model_kwargs) -> MethodOutput:
+    import scvi
+
+    kwargs = {"n_latent": 30, "n_layers": 2, **model_kwargs}
+    return _train_scvi_like(scvi.model.SCVI, adata, batch_key, seed, training, kwargs)
 
 
 def gaussian_ablation_kwargs() -> dict:
@@ -218,11 +298,11 @@ def gaussian_ablation_kwargs() -> dict:
     return {k: params[k].default for k in keys}
 
 
-def _fit_gaussian(adata, batch_key, seed, max_epochs, **model_kwargs) -> MethodOutput:
+def _fit_gaussian(adata, batch_key, seed, training, **model_kwargs) -> MethodOutput:
     import scvi
 
     kwargs = {**gaussian_ablation_kwargs(), **model_kwargs}
-    return _train_scvi_like(scvi.model.SCVI, adata, batch_key, seed, max_epochs, kwargs)
+    return _train_scvi_like(scvi.model.SCVI, adata, batch_key, seed, training, kwargs)
 
 
 def _qbm_extras(model):
@@ -232,19 +312,19 @@ def _qbm_extras(model):
 
 
 def _make_qbm_fit(prior: str) -> Callable[..., MethodOutput]:
-    def fit(adata, batch_key, seed, max_epochs, **model_kwargs) -> MethodOutput:
+    def fit(adata, batch_key, seed, training, **model_kwargs) -> MethodOutput:
         from scqbm import QBMVAE
 
         kwargs = {"prior": prior, **model_kwargs}
         return _train_scvi_like(
-            QBMVAE, adata, batch_key, seed, max_epochs, kwargs, extra=_qbm_extras
+            QBMVAE, adata, batch_key, seed, training, kwargs, extra=_qbm_extras
         )
 
     fit.__name__ = f"_fit_qbmvae_{prior}"
     return fit
 
 
-def _fit_harmony(adata, batch_key, seed, max_epochs) -> MethodOutput:
+def _fit_harmony(adata, batch_key, seed, training) -> MethodOutput:
     import harmonypy
 
     start = time.perf_counter()
@@ -261,7 +341,7 @@ def _fit_harmony(adata, batch_key, seed, max_epochs) -> MethodOutput:
     return MethodOutput(np.ascontiguousarray(z, dtype=np.float32), time.perf_counter() - start)
 
 
-def _fit_scanorama(adata, batch_key, seed, max_epochs) -> MethodOutput:
+def _fit_scanorama(adata, batch_key, seed, training) -> MethodOutput:
     import scanorama
 
     np.random.seed(seed)  # noqa: NPY002 (scanorama draws from numpy's global generator)
@@ -289,33 +369,54 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "scvi",
-            "scVI, default architecture, trained for the suite's epochs",
+            "scVI, default architecture (n_latent=10), trained under the suite's regime",
             _fit_scvi,
             accepts_kwargs=True,
+            trained=True,
         ),
         Method(
             "scvi_default",
             "scVI at its defaults, epochs included (scvi's heuristic, up to 400)",
             _fit_scvi_default,
             accepts_kwargs=True,
+            trained=True,
+        ),
+        Method(
+            "scvi_30x2",
+            "scVI with n_latent=30, n_layers=2 (the scib-metrics tutorial setting)",
+            _fit_scvi_30x2,
+            accepts_kwargs=True,
+            trained=True,
         ),
         Method(
             "gaussian_vae",
             "Gaussian-prior ablation: SCVI with QBMVAE's exact encoder trunk and decoder",
             _fit_gaussian,
             accepts_kwargs=True,
+            trained=True,
         ),
         Method(
             "qbmvae_rbm",
             "QBMVAE, prior='rbm', default sampler",
             _make_qbm_fit("rbm"),
             accepts_kwargs=True,
+            trained=True,
         ),
         Method(
             "qbmvae_bm",
             "QBMVAE, prior='bm', default sampler",
             _make_qbm_fit("bm"),
             accepts_kwargs=True,
+            trained=True,
+        ),
+        Method(
+            "qbmvae_factorial",
+            "Factorial ablation: QBMVAE with prior='factorial' (couplings fixed at zero, fields "
+            "only, exact log Z in closed form)",
+            _make_qbm_fit("factorial"),
+            accepts_kwargs=True,
+            trained=True,
+            requires_prior="factorial",
         ),
         Method(
             "harmony",
@@ -338,9 +439,11 @@ METHODS: dict[str, Method] = {
 DEFAULT_METHODS = (
     "pca",
     "scvi",
+    "scvi_30x2",
     "gaussian_vae",
     "qbmvae_rbm",
     "qbmvae_bm",
+    "qbmvae_factorial",
     "harmony",
     "scanorama",
 )

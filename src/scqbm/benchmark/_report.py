@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._cache import method_dir
-
 __all__ = ["HEADLINE", "write_report"]
 
 #: (task, metric, column title) of the headline table; all are "higher is better".
@@ -182,7 +180,7 @@ def _figure_umaps(data, run_root: Path, methods: list[str], seed: int, path: Pat
 
     coords = {}
     for m in methods:
-        f = run_root / method_dir(m) / f"seed{seed}" / "umap.npy"
+        f = run_root(m) / f"seed{seed}" / "umap.npy"
         if f.exists():
             coords[m] = np.load(f)
     if not coords:
@@ -234,7 +232,7 @@ def _figure_energy(data, run_root: Path, methods: list[str], seed: int, path: Pa
 
     energies = {}
     for m in methods:
-        f = run_root / method_dir(m) / f"seed{seed}" / "extras.npz"
+        f = run_root(m) / f"seed{seed}" / "extras.npz"
         if f.exists():
             with np.load(f) as extras:
                 if "energy" in extras.files:
@@ -258,6 +256,77 @@ def _figure_energy(data, run_root: Path, methods: list[str], seed: int, path: Pa
     return True
 
 
+def _regime_sentence(training: str, max_epochs: int, metrics: pd.DataFrame) -> str:
+    epochs = metrics[(metrics["task"] == "fit") & (metrics["metric"] == "epochs")]["value"]
+    ran = f" (epochs run: {int(epochs.min())}-{int(epochs.max())})" if len(epochs) else ""
+    if training == "matched":
+        return (
+            f"neural methods trained for {max_epochs} epochs (batch size 128, scvi-tools "
+            "defaults otherwise, KL warm-up included)."
+        )
+    if training == "default":
+        return (
+            "each neural method constructed and trained with its own defaults, exactly "
+            "`Model(adata)` + `model.train()` (scvi-tools' epoch heuristic, 400-epoch KL "
+            f"warm-up, batch size 128, 90% train split){ran}."
+        )
+    return (
+        "each model's defaults plus `early_stopping=True` (validation ELBO, patience 45, "
+        f"at most scvi-tools' heuristic epochs){ran}."
+    )
+
+
+def _energy_per_seed(metrics: pd.DataFrame) -> pd.DataFrame | None:
+    rows = metrics[(metrics["task"] == "energy") & metrics["metric"].str.startswith("spearman")]
+    if rows.empty:
+        return None
+    table = rows.pivot_table(index=["method", "seed"], columns="metric", values="value")
+    table.columns = [c.replace("spearman_energy_vs_", "rho vs ") for c in table.columns]
+    table.index = [f"{m}, {s}" for m, s in table.index]
+    return table.map(lambda v: f"{v:+.3f}")
+
+
+#: (history column, panel title) of the training-curve figure.
+CURVES = [
+    ("elbo_train", "negative ELBO (train)"),
+    ("elbo_validation", "negative ELBO (validation)"),
+    ("reconstruction_loss_train", "reconstruction loss (train)"),
+    ("kl_local_train", "KL(q(z|x) || p(z)) (train)"),
+    ("log_z", "log Z of the prior (QBMVAE)"),
+]
+
+
+def _figure_curves(run_root, methods: list[str], seed: int, path: Path) -> bool:
+    """Per-epoch training curves (ELBO, reconstruction, KL, log Z) of the neural methods."""
+    import matplotlib.pyplot as plt
+
+    histories = {}
+    for m in methods:
+        f = run_root(m) / f"seed{seed}" / "history.csv"
+        if f.exists():
+            histories[m] = pd.read_csv(f, index_col="epoch")
+    panels = [(c, t) for c, t in CURVES if any(c in h for h in histories.values())]
+    if not histories or not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for ax, (column, title) in zip(axes[0], panels, strict=True):
+        for m, h in histories.items():
+            if column in h and h[column].notna().any():
+                series = h[column].dropna()
+                ax.plot(series.index, series.to_numpy(), label=m, lw=1.2)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+        if column != "log_z":
+            finite = pd.concat([h[column] for h in histories.values() if column in h]).dropna()
+            if len(finite):  # the first epochs would squash the rest
+                ax.set_ylim(finite.quantile(0.0), finite.quantile(0.97))
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 # ---------------------------------------------------------------------- report
 def write_report(
     result,
@@ -270,6 +339,7 @@ def write_report(
     figures: bool,
     seconds: float,
     scib_exclude: list[str] | None = None,
+    training: str = "matched",
 ) -> list[Path]:
     """Write ``metrics.csv``, ``summary.csv``, ``README.md`` and ``figures/*.png``."""
     from ._methods import resolve_method
@@ -301,6 +371,12 @@ def write_report(
             figure_lines.append(
                 f"![UMAPs by batch and cell type (seed {seeds[0]})](figures/{path.name})"
             )
+        path = fig_dir / "training_curves.png"
+        if _figure_curves(run_root, methods, seeds[0], path):
+            files.append(path)
+            figure_lines.append(
+                f"![Training curves per epoch (seed {seeds[0]})](figures/{path.name})"
+            )
         path = fig_dir / "energy_by_cell_type.png"
         if _figure_energy(data, run_root, methods, seeds[0], path):
             files.append(path)
@@ -318,8 +394,8 @@ def write_report(
         "```",
         "",
         f"- Data: {data.description}.",
-        f"- Seeds: {seeds}; neural methods trained for {max_epochs} epochs "
-        "(batch size 128, scvi-tools defaults otherwise, KL warm-up included).",
+        f"- Seeds: {seeds}; training regime `{training}`: "
+        + _regime_sentence(training, max_epochs, result.metrics),
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
         f"{_torch_threads()}, Python {sys.version.split()[0]}; scqbm {_pkg_version('scqbm')}, "
         f"scvi-tools "
@@ -392,6 +468,12 @@ def write_report(
             "Prior energy (QBMVAE): per-cell E_q[E(z)], Spearman correlation with "
             "the per-cell reconstruction log-likelihood, KL and ELBO, mean by cell type",
         ),
+        (
+            "de",
+            "Differential expression (scvi-tools 1-vs-all DE, `mode='change'`, on the trained "
+            "model; `rank_lfc[T]` / `rank_bf[T]`: best rank of type T's canonical markers by "
+            "`lfc_mean` / Bayes factor, 1 = top; `n_fdr[T]`: genes at FDR 0.05)",
+        ),
         ("scib_raw", "scib-metrics raw values"),
         ("fit", "Fit (seconds of training + embedding, epochs, log Z)"),
     ]
@@ -400,11 +482,23 @@ def write_report(
         if table is None:
             continue
         table = table.loc[(table != "–").any(axis=1), (table != "–").any()]
-        if task in ("rare", "energy", "classification") and table.shape[1] > 8:
+        if task in ("rare", "energy", "classification", "de") and table.shape[1] > 8:
             table = table.T
             lines += [f"## {title}", "", _markdown_table(table, "metric"), ""]
         else:
             lines += [f"## {title}", "", _markdown_table(table), ""]
+    per_seed = _energy_per_seed(result.metrics)
+    if per_seed is not None:
+        lines += [
+            "## Energy claim per seed",
+            "",
+            "Spearman correlation of a cell's prior energy with its reconstruction "
+            "log-likelihood, KL term and ELBO, for each seed (the paper reports a strong "
+            "negative correlation with the log-likelihood).",
+            "",
+            _markdown_table(per_seed, "method, seed"),
+            "",
+        ]
     if figure_lines:
         lines += ["## Figures", "", *[f"{f}\n" for f in figure_lines]]
     readme = out / "README.md"

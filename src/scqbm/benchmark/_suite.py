@@ -13,19 +13,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._cache import digest, load_output, run_dir_of, save_output
+from ._cache import digest, load_output, regime_dir, run_dir_of, save_output
 from ._data import BenchmarkDataset, load_dataset
+from ._de import de_marker_metrics
 from ._integration import aggregate_scib, scib_metrics_for_embedding
 from ._methods import DEFAULT_METHODS, MethodOutput, resolve_method
 from ._tasks import classification_metrics, energy_metrics, rare_cell_metrics, trajectory_metrics
+from ._training import REGIMES, Training
 
 __all__ = ["TASKS", "SuiteResult", "run_suite"]
 
 logger = logging.getLogger(__name__)
 
 #: Tasks of the suite, in the order they run.
-TASKS = ("integration", "classification", "trajectory", "rare", "energy")
-_SUITE_VERSION = 1
+TASKS = ("integration", "classification", "trajectory", "rare", "energy", "de")
+_SUITE_VERSION = 2
 
 
 @dataclass
@@ -59,59 +61,55 @@ class SuiteResult:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def _evaluate(
+def _task_rows(
+    task: str,
     data: BenchmarkDataset,
-    method: str,
-    seed: int,
     output: MethodOutput,
-    tasks: Sequence[str],
+    seed: int,
     n_jobs: int,
     scib_exclude: tuple[str, ...],
-    want_umap: bool,
     run_dir: Path,
 ) -> list[dict]:
+    """Rows of one task for one run (empty when the task does not apply)."""
     adata = data.adata
     labels = adata.obs[data.label_key].astype(str).to_numpy()
-    rows: list[dict] = []
 
-    def add(task: str, metrics: dict, metric_type: str = "") -> None:
-        rows.extend(
+    def rows_of(metrics: dict, metric_type: str = "") -> list[dict]:
+        return [
             {"task": task, "metric": k, "metric_type": metric_type, "value": float(v)}
             for k, v in metrics.items()
-        )
+        ]
 
-    add("fit", {"seconds": output.seconds, **output.info})
-    if "integration" in tasks:
-        for name, (kind, value) in scib_metrics_for_embedding(
-            adata,
-            output.embedding,
-            data.batch_key,
-            data.label_key,
-            n_jobs=n_jobs,
-            exclude=scib_exclude,
-        ).items():
-            rows.append({"task": "scib_raw", "metric": name, "metric_type": kind, "value": value})
-    if "classification" in tasks:
-        add(
-            "classification",
-            classification_metrics(output.embedding, labels, data.rare_labels, seed=seed),
+    if task == "integration":
+        return [
+            {"task": "scib_raw", "metric": name, "metric_type": kind, "value": value}
+            for name, (kind, value) in scib_metrics_for_embedding(
+                adata,
+                output.embedding,
+                data.batch_key,
+                data.label_key,
+                n_jobs=n_jobs,
+                exclude=scib_exclude,
+            ).items()
+        ]
+    if task == "classification":
+        return rows_of(
+            classification_metrics(output.embedding, labels, data.rare_labels, seed=seed)
         )
-    if "trajectory" in tasks and data.has_trajectory:
-        add(
-            "trajectory",
-            trajectory_metrics(output.embedding, adata.obs["pseudotime"], adata.obs["branch"]),
+    if task == "trajectory" and data.has_trajectory:
+        return rows_of(
+            trajectory_metrics(output.embedding, adata.obs["pseudotime"], adata.obs["branch"])
         )
-    graph = None
-    if "rare" in tasks:
-        metrics, graph = rare_cell_metrics(
+    if task == "rare":
+        metrics, _ = rare_cell_metrics(
             output.embedding, labels, data.rare_labels, data.subsample_label, seed=seed
         )
-        add("rare", metrics)
-    if "energy" in tasks and "energy" in output.extras:
-        add("energy", energy_metrics(output.extras, labels))
-    if want_umap:
-        _umap(output.embedding, seed, run_dir, graph)
-    return rows
+        return rows_of(metrics)
+    if task == "energy" and "energy" in output.extras:
+        return rows_of(energy_metrics(output.extras, labels))
+    if task == "de" and data.markers and (run_dir / "model").exists():
+        return rows_of(de_marker_metrics(run_dir / "model", data, seed=seed))
+    return []
 
 
 def _umap(embedding: np.ndarray, seed: int, run_dir: Path, graph=None) -> None:
@@ -132,6 +130,7 @@ def run_suite(
     seeds: Sequence[int] = (0, 1, 2),
     out: str | Path = "benchmark_results",
     max_epochs: int = 20,
+    training: str = "matched",
     tasks: Sequence[str] = TASKS,
     cache_dir: str | Path | None = None,
     max_cells: int | None = None,
@@ -144,14 +143,16 @@ def run_suite(
     figures: bool = True,
     progress: bool = True,
     command: str | None = None,
+    only_cached: bool = False,
 ) -> SuiteResult:
     """Run methods x seeds on a dataset, score every task and write the results folder.
 
-    Each run (method, seed) is cached under ``cache_dir``: the embedding (``.npy``), the
-    per-cell model outputs (``.npz``), and the metrics (``metrics.json``), each with the
-    configuration that produced it. A rerun with the same configuration reuses them; a run
-    whose fit is cached but whose tasks changed is only re-scored. Methods whose embedding does
-    not depend on the seed (PCA, Scanorama) run once, with the first seed.
+    Each run (method, regime, seed) is cached under ``cache_dir``: the embedding (``.npy``),
+    the per-cell model outputs (``.npz``), the training history (``history.csv``), the
+    trained model (``model/``) and the metrics of each task (``metrics.json``), each with the
+    configuration that produced it. A rerun with the same configuration reuses them; a task
+    that is new or changed is scored from the cached run without refitting. Methods whose
+    embedding does not depend on the seed (PCA, Scanorama) run once, with the first seed.
 
     Parameters
     ----------
@@ -166,8 +167,15 @@ def run_suite(
     out
         Results folder: ``metrics.csv``, ``summary.csv``, ``README.md`` and ``figures/``.
     max_epochs
-        Epochs of every neural method (scVI, the Gaussian ablation, QBMVAE), except
-        ``scvi_default`` (scvi's own heuristic).
+        Epochs of every neural method (scVI, the Gaussian ablation, QBMVAE) in the
+        ``matched`` regime, except ``scvi_default`` (scvi's own heuristic).
+    training
+        Training regime of the neural methods (:data:`~scqbm.benchmark.REGIMES`):
+        ``"default"``, each model's ``Model(adata).train()`` exactly (scvi's epoch heuristic,
+        its KL warm-up and batch size); ``"matched"``, ``max_epochs`` and batch size 128 for
+        all; ``"early_stopping"``, the defaults with ``early_stopping=True``. Runs are cached
+        per regime, checkpointed every 10 epochs, and an interrupted run resumes from its last
+        checkpoint.
     tasks
         Subset of :data:`TASKS`.
     cache_dir
@@ -192,6 +200,9 @@ def run_suite(
         Show a progress bar over the runs.
     command
         The command line to record in the report (the CLI passes its own).
+    only_cached
+        Train nothing: neural runs without a finished fit in the cache are listed as not run
+        (to write the page while long runs go on elsewhere); untrained methods still run.
 
     Returns
     -------
@@ -217,6 +228,9 @@ def run_suite(
         raise ValueError(f"Unknown tasks {bad_tasks}; choose from {list(TASKS)}.")
     if not seeds:
         raise ValueError("Give at least one seed.")
+    if training not in REGIMES:
+        raise ValueError(f"Unknown training regime {training!r}; choose from {list(REGIMES)}.")
+    regime_of = Training(regime=training, max_epochs=max_epochs)
     if threads is not None:
         import torch
 
@@ -249,51 +263,88 @@ def run_suite(
     bar = tqdm(runs, desc=f"scqbm benchmark {data.name}", unit="run", disable=not progress)
     for name, seed in bar:
         bar.set_postfix_str(f"{name} seed {seed}")
-        run_dir = run_dir_of(cache, dataset_tag, name, seed)
+        method, model_kwargs = resolved[name]
+        regime = regime_of.config() if method.trained else None
+        run_dir = run_dir_of(cache, dataset_tag, name, seed, regime)
         fit_config = {
             "suite": _SUITE_VERSION,
             "data": data_config,
             "method": name,
             "seed": seed,
-            "max_epochs": max_epochs,
+            **(regime or {}),
         }
         # UMAP coordinates are not metrics: a scored run is reused whether or not it has them,
         # and they are added to it when they are wanted (first seed) and missing.
         want_umap = umap and seed == seeds[0]
-        eval_config = {
-            "fit": fit_config,
-            "tasks": sorted(tasks),
-            "scib_exclude": sorted(scib_exclude),
-            "targets": {"rare": data.rare_labels, "subsample": data.subsample_label},
-        }
+        targets = {"rare": data.rare_labels, "subsample": data.subsample_label}
         metrics_file = run_dir / "metrics.json"
-        if metrics_file.exists():
-            saved = json.loads(metrics_file.read_text())
-            saved_config = {k: v for k, v in saved.get("config", {}).items() if k != "umap"}
-            if saved_config == json.loads(json.dumps(eval_config, default=str)):
-                if want_umap and not (run_dir / "umap.npy").exists():
-                    output = load_output(run_dir, fit_config)
-                    if output is not None:
-                        _umap(output.embedding, seed, run_dir)
-                rows = saved["rows"]
-                n_cached += 1
-                all_rows.extend({"method": name, "seed": seed, **r} for r in rows)
-                continue
+        saved = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        if saved.get("fit") != json.loads(json.dumps(fit_config, default=str)):
+            saved = {}
+        cached_tasks = saved.get("tasks", {})
+        output = None
+        computed = False
         try:
             output = load_output(run_dir, fit_config)
+            if output is None and only_cached and method.trained:
+                state = run_dir / "train_state.json"
+                where = json.loads(state.read_text())["epoch"] if state.exists() else 0
+                skipped[f"{name} (seed {seed})"] = (
+                    f"not run yet: no finished run in the cache ({where} epochs checkpointed)"
+                )
+                continue
             if output is None:
-                method, model_kwargs = resolved[name]
-                output = method.fit(data.adata, data.batch_key, seed, max_epochs, **model_kwargs)
+                computed = True
+                cached_tasks = {}
+                training = Training(
+                    regime=regime_of.regime,
+                    max_epochs=regime_of.max_epochs,
+                    run_dir=run_dir,
+                    progress=progress,
+                    label=f"{data.name} {name} {regime_dir(regime)} seed {seed}",
+                )
+                run_dir.mkdir(parents=True, exist_ok=True)
+                if method.trained:
+                    output = method.fit(data.adata, data.batch_key, seed, training, **model_kwargs)
+                else:
+                    output = method.fit(data.adata, data.batch_key, seed, training)
                 save_output(run_dir, fit_config, output)
-            rows = _evaluate(
-                data, name, seed, output, tasks, n_jobs, tuple(scib_exclude), want_umap, run_dir
-            )
+            rows = [
+                {"task": "fit", "metric": k, "metric_type": "", "value": float(v)}
+                for k, v in {"seconds": output.seconds, **output.info}.items()
+            ]
+            for task in tasks:
+                task_config = json.loads(
+                    json.dumps(
+                        {
+                            "targets": targets,
+                            "scib_exclude": sorted(scib_exclude) if task == "integration" else [],
+                            "markers": data.markers if task == "de" else None,
+                        },
+                        default=str,
+                    )
+                )
+                entry = cached_tasks.get(task)
+                if entry is not None and entry.get("config") == task_config:
+                    rows.extend(entry["rows"])
+                    continue
+                computed = True
+                task_rows = _task_rows(
+                    task, data, output, seed, n_jobs, tuple(scib_exclude), run_dir
+                )
+                cached_tasks[task] = {"config": task_config, "rows": task_rows}
+                rows.extend(task_rows)
+                metrics_file.write_text(
+                    json.dumps({"fit": fit_config, "tasks": cached_tasks}, indent=1, default=str)
+                )
+            if want_umap and not (run_dir / "umap.npy").exists():
+                _umap(output.embedding, seed, run_dir)
         except Exception as err:  # one failing method must not sink the whole suite
             logger.error("%s seed %d failed:\n%s", name, seed, traceback.format_exc())
             skipped[f"{name} (seed {seed})"] = f"failed: {type(err).__name__}: {err}"
             continue
-        metrics_file.write_text(json.dumps({"config": eval_config, "rows": rows}, indent=1))
-        n_computed += 1
+        n_computed += computed
+        n_cached += not computed
         all_rows.extend({"method": name, "seed": seed, **r} for r in rows)
 
     metrics = pd.DataFrame(
@@ -316,10 +367,15 @@ def run_suite(
     result.files = write_report(
         result,
         data,
-        cache / dataset_tag,
+        lambda m: (
+            run_dir_of(
+                cache, dataset_tag, m, 0, regime_of.config() if resolved[m][0].trained else None
+            ).parent
+        ),
         methods=[m for m in methods if m in {r[0] for r in runs}],
         seeds=list(seeds),
         max_epochs=max_epochs,
+        training=training,
         command=command,
         figures=figures,
         scib_exclude=list(scib_exclude),

@@ -99,7 +99,11 @@ class QBMVAE(
         ``"spike_exp"`` (spike-and-exponential, the paper's choice) or ``"overlapping_exp"``
         (DVAE++).
     beta
-        Sharpness of the relaxation.
+        Sharpness of the relaxation. 3 by default: with 10 the reparameterised gradient
+        (``d zeta / d q`` up to ``(e^beta - 1) / beta``) is so heavy-tailed that posteriors
+        sharpen slowly and the decoder learns cell-type expression late; on a 4,000-cell Kang
+        subset, ``beta=3`` raised the 20-epoch scIB Total from 0.70 to 0.82 and put the
+        canonical markers near the top of scvi-tools' DE (``benchmarks/results/de_kang4k``).
     sampler
         Negative-phase backend (:func:`scqbm.samplers.available_samplers`); ``"gibbs"`` by
         default (native persistent chains).
@@ -141,7 +145,7 @@ class QBMVAE(
         use_observed_lib_size: bool = True,
         prior: Literal["bm", "rbm", "factorial"] = "bm",
         relaxation: Literal["spike_exp", "overlapping_exp"] = "spike_exp",
-        beta: float = 10.0,
+        beta: float = 3.0,
         sampler: str = "gibbs",
         sampler_kwargs: dict | None = None,
         log_partition: Literal["auto", "exact", "ais"] = "auto",

@@ -77,7 +77,7 @@ class QBMVAEModule(VAE):
         prior: Literal["bm", "rbm", "factorial"] = "bm",
         n_visible: int | None = None,
         relaxation: Literal["spike_exp", "overlapping_exp"] = "spike_exp",
-        beta: float = 10.0,
+        beta: float = 3.0,
         sampler: str = "gibbs",
         sampler_kwargs: dict | None = None,
         num_negative_samples: int | None = None,
