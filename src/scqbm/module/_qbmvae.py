@@ -13,7 +13,7 @@ from scvi.module._constants import MODULE_KEYS
 from scvi.module.base import LossOutput, auto_move_data
 from torch.distributions import Normal
 
-from scqbm.nn import BernoulliEncoder, bernoulli_entropy
+from scqbm.nn import BernoulliEncoder, bernoulli_entropy, make_relaxation
 from scqbm.prior import BoltzmannPrior, LatentTooLargeError, LogPartitionEstimate
 from scqbm.samplers import SampleSet, make_sampler
 
@@ -137,6 +137,31 @@ class QBMVAEModule(VAE):
             getattr(self.sampler, "num_chains", 512),
             n_visible=self.prior.n_visible,
         )
+
+    # -------------------------------------------------------- minified data
+    @auto_move_data
+    def _cached_inference(
+        self,
+        qzm: torch.Tensor,
+        qzv: torch.Tensor,
+        observed_lib_size: torch.Tensor,
+        n_samples: int = 1,
+    ) -> dict:
+        """Inference from stored posterior logits (minified data): ``qzm`` holds the logits.
+
+        ``qzv`` is the same array under scvi's second key (a Bernoulli has one parameter).
+        """
+        qz = make_relaxation(self.relaxation, qzm, self.beta)
+        z = qz.sample() if n_samples == 1 else qz.sample((n_samples,))
+        library = torch.log(observed_lib_size)
+        if n_samples > 1:
+            library = library.unsqueeze(0).expand((n_samples, *library.shape))
+        return {
+            MODULE_KEYS.Z_KEY: z,
+            MODULE_KEYS.QZ_KEY: qz,
+            MODULE_KEYS.QL_KEY: None,
+            MODULE_KEYS.LIBRARY_KEY: library,
+        }
 
     # ------------------------------------------------------------- generative
     @auto_move_data
