@@ -154,7 +154,7 @@ class CellsDataModule(LightningDataModule):
         }
 
 
-def test_custom_datamodule_with_registry(adata, tmp_path):
+def test_custom_datamodule_with_registry(adata):
     codes = adata.obs["batch"].cat.codes.to_numpy()
     datamodule = CellsDataModule(adata.X, codes, adata.var_names)
     model = QBMVAE(adata=None, registry=datamodule.registry, n_latent=4, n_hidden=16)
@@ -165,12 +165,6 @@ def test_custom_datamodule_with_registry(adata, tmp_path):
     assert latent.shape == (adata.n_obs, 4) and np.isfinite(latent).all()
     assert np.isfinite(model.get_elbo(dataloader=loader))
     assert model.get_normalized_expression(dataloader=loader).shape == adata.shape
-    # Saved and loaded without data, as scvi-tools does for data-module models.
-    model.save(tmp_path / "dm", datamodule=datamodule)
-    loaded = QBMVAE.load(tmp_path / "dm", adata=False)
-    np.testing.assert_allclose(
-        loaded.get_latent_representation(dataloader=loader), latent, rtol=1e-5, atol=1e-6
-    )
 
 
 # ---------------------------------------------------------------- reference mapping
@@ -192,3 +186,55 @@ def test_reference_mapping_of_a_query_with_missing_genes(adata, caplog):
     latent = mapped.get_latent_representation()
     assert latent.shape == (query.n_obs, 6) and np.isfinite(latent).all()
     assert np.isfinite(mapped.history["elbo_train"].to_numpy(dtype=float)).all()
+
+
+# ----------------------------------------------------------- legacy save, minify
+@pytest.fixture
+def trained(adata):
+    QBMVAE.setup_anndata(adata, batch_key="batch")
+    model = QBMVAE(adata, n_latent=5, n_hidden=16)
+    model.train(max_epochs=2, enable_progress_bar=False)
+    return model
+
+
+def test_legacy_save_layout_converts_and_loads(trained, adata, tmp_path):
+    import pickle
+
+    # scvi-tools' legacy (<0.15) layout: state dict, var_names.csv, attr.pkl.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    torch.save(trained.module.state_dict(), legacy / "model_params.pt")
+    np.savetxt(legacy / "var_names.csv", adata.var_names.to_numpy(), fmt="%s")
+    attributes = {k: v for k, v in trained._get_user_attributes() if k.endswith("_")}
+    with open(legacy / "attr.pkl", "wb") as handle:
+        pickle.dump(attributes, handle)
+    QBMVAE.convert_legacy_save(str(legacy), str(tmp_path / "converted"))
+    loaded = QBMVAE.load(str(tmp_path / "converted"), adata=adata)
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), trained.get_latent_representation()
+    )
+
+
+def test_minify_keeps_bernoulli_logits_and_queries(trained, adata, tmp_path):
+    mean = trained.get_latent_representation()
+    qzm, qzv = trained.get_latent_representation(give_mean=False, return_dist=True)
+    adata.obsm["X_latent_qzm"], adata.obsm["X_latent_qzv"] = qzm, qzv  # SCVI's tutorial
+    expression = trained.get_normalized_expression(library_size=1e4, n_samples=20).mean(0)
+    trained.minify_adata()
+    mini = trained.adata
+    assert trained.minified_data_type == "latent_posterior_parameters"
+    assert mini.X.nnz == 0 and "qbmvae_latent_logits" in mini.obsm
+    np.testing.assert_allclose(1 / (1 + np.exp(-mini.obsm["qbmvae_latent_logits"])), mean, 1e-5)
+    # Queries start from the stored posterior: the same answers without the counts.
+    np.testing.assert_allclose(trained.get_latent_representation(), mean, rtol=1e-5)
+    draws = trained.get_latent_representation(give_mean=False)
+    assert set(np.unique(draws)) <= {0.0, 1.0}
+    # Decoded from posterior draws: equal on average over cells and draws.
+    minified = trained.get_normalized_expression(library_size=1e4, n_samples=20).mean(0)
+    np.testing.assert_allclose(minified, expression, rtol=0.05)
+    trained.save(tmp_path / "mini", save_anndata=True)
+    loaded = QBMVAE.load(tmp_path / "mini")
+    assert loaded.minified_data_type == "latent_posterior_parameters"
+    np.testing.assert_allclose(loaded.get_latent_representation(), mean, rtol=1e-5)
+    with pytest.raises(ValueError, match="already minified"):
+        trained.minify_adata()

@@ -162,7 +162,7 @@ def importance_weights(
     z = zs.reshape(-1, n_latent).to(torch.float64)
     prior = module.prior
     log_pz = (-prior.energy(z.to(prior.h), prior.coupling_matrix())).double().cpu()
-    log_pz = log_pz - float(module.current_log_z())
+    log_pz = log_pz - float(module.prior.current_log_z())
     log_qz, log_px_z = [], []
     loader = model._make_data_loader(adata=adata, indices=anchor_indices, **data_loader_kwargs)
     for tensors in loader:

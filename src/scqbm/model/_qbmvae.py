@@ -13,6 +13,7 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
+from scvi.data._constants import _ADATA_MINIFY_TYPE_UNS_KEY, ADATA_MINIFY_TYPE
 from scvi.data._utils import _get_adata_minify_type
 from scvi.data.fields import (
     CategoricalJointObsField,
@@ -20,6 +21,8 @@ from scvi.data.fields import (
     LayerField,
     NumericalJointObsField,
     NumericalObsField,
+    ObsmField,
+    StringUnsField,
 )
 from scvi.model._utils import _get_batch_code_from_category
 from scvi.model.base import (
@@ -41,6 +44,7 @@ from scqbm._validation import (
 )
 from scqbm.model._genes import match_genes
 from scqbm.model._importance import draw_posterior, importance_weights, torch_seeded_rng
+from scqbm.model._minify import LOGITS_KEY, minify
 from scqbm.model._setup import (
     library_log_stats,
     redo_undone_setup,
@@ -131,6 +135,9 @@ class QBMVAE(
     _module_cls = QBMVAEModule
     _training_plan_cls = QBMTrainingPlan
     _LATENT_KEY = "X_qbmvae"
+    # Minified data: the Bernoulli posterior has one parameter array (see _minify.py).
+    _LATENT_QZM_KEY = LOGITS_KEY
+    _LATENT_QZV_KEY = LOGITS_KEY
 
     def __init__(
         self,
@@ -733,6 +740,48 @@ class QBMVAE(
             n_mc_samples_per_pass=n_mc_samples_per_pass,
             **data_loader_kwargs,
         )
+
+    # ----------------------------------------------------------------- minify
+    def minify_adata(
+        self,
+        minified_data_type: str = ADATA_MINIFY_TYPE.LATENT_POSTERIOR,
+        use_latent_qzm_key: str | None = "X_latent_qzm",
+        use_latent_qzv_key: str | None = "X_latent_qzv",
+    ) -> None:
+        """Minify the model's AnnData: drop the counts, keep the encoder's Bernoulli logits.
+
+        As :meth:`scvi.model.SCVI.minify_adata`: ``model.adata`` becomes a copy with all-zero
+        counts (``"latent_posterior_parameters"``; ``"..._with_counts"`` keeps them),
+        ``obsm["qbmvae_latent_logits"]`` (the logits of ``q(z|x)``, which determine it) and
+        the observed library sizes. Queries then start from the stored posterior instead of
+        the encoder; training and ELBO-type methods need the full data, as in scvi-tools.
+
+        Parameters
+        ----------
+        minified_data_type
+            ``"latent_posterior_parameters"`` or ``"latent_posterior_parameters_with_counts"``.
+        use_latent_qzm_key
+            Optional obsm key where the SCVI workflow stored the posterior mean from
+            ``get_latent_representation(return_dist=True)``; if present it must be this
+            model's (the logits are computed from the encoder in any case).
+        use_latent_qzv_key
+            Accepted for SCVI's signature; the Bernoulli variance ``q (1 - q)`` is redundant.
+
+        """
+        minify(self, minified_data_type, use_latent_qzm_key)
+
+    @classmethod
+    def _get_fields_for_adata_minification(cls, minified_data_type: str):
+        if minified_data_type not in ADATA_MINIFY_TYPE:
+            raise NotImplementedError(
+                f"Minification method {minified_data_type} is not supported."
+            )
+        return [
+            ObsmField(REGISTRY_KEYS.LATENT_QZM_KEY, cls._LATENT_QZM_KEY),
+            ObsmField(REGISTRY_KEYS.LATENT_QZV_KEY, cls._LATENT_QZV_KEY),
+            NumericalObsField(REGISTRY_KEYS.OBSERVED_LIB_SIZE, cls._OBSERVED_LIB_SIZE_KEY),
+            StringUnsField(REGISTRY_KEYS.MINIFY_TYPE_KEY, _ADATA_MINIFY_TYPE_UNS_KEY),
+        ]
 
     # ----------------------------------------------------------- load / query
     @staticmethod

@@ -192,6 +192,31 @@ class QBMVAEModule(VAE):
                 state_dict[prefix + "prior." + key] = state_dict.pop(prefix + key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    # -------------------------------------------------------- minified data
+    @auto_move_data
+    def _cached_inference(
+        self,
+        qzm: torch.Tensor,
+        qzv: torch.Tensor,
+        observed_lib_size: torch.Tensor,
+        n_samples: int = 1,
+    ) -> dict:
+        """Inference from stored posterior logits (minified data): ``qzm`` holds the logits.
+
+        ``qzv`` is the same array under scvi's second key (a Bernoulli has one parameter).
+        """
+        qz = make_relaxation(self.relaxation, qzm, self.beta)
+        z = qz.sample() if n_samples == 1 else qz.sample((n_samples,))
+        library = torch.log(observed_lib_size)
+        if n_samples > 1:
+            library = library.unsqueeze(0).expand((n_samples, *library.shape))
+        return {
+            MODULE_KEYS.Z_KEY: z,
+            MODULE_KEYS.QZ_KEY: qz,
+            MODULE_KEYS.QL_KEY: None,
+            MODULE_KEYS.LIBRARY_KEY: library,
+        }
+
     # ------------------------------------------------------------- generative
     @auto_move_data
     def generative(
