@@ -95,9 +95,24 @@ def test_rerun_reuses_cache(suite, monkeypatch):
     again = run_suite(**kwargs)
     assert again.n_cached == 2 and again.n_computed == 0 and not again.skipped
     pd.testing.assert_frame_equal(again.metrics, result.metrics)
-    # Changing the tasks re-scores from the cached embeddings without refitting.
+    # Metrics are cached per task: a subset of the tasks is all cached ...
+    subset = run_suite(**{**kwargs, "tasks": ["classification"], "figures": False})
+    assert subset.n_cached == 2 and subset.n_computed == 0 and not subset.skipped
+    # ... and a task whose cached scores are gone is re-scored from the cached embeddings
+    # without refitting.
+    import json
+
+    for metrics_file in (result.out / "runs").rglob("metrics.json"):
+        saved = json.loads(metrics_file.read_text())
+        del saved["tasks"]["classification"]
+        metrics_file.write_text(json.dumps(saved))
     rescored = run_suite(**{**kwargs, "tasks": ["classification"], "figures": False})
     assert rescored.n_computed == 2 and not rescored.skipped
+    # Only the cached runs are reported with only_cached; nothing is trained.
+    cached_only = run_suite(
+        **{**kwargs, "max_epochs": 4, "methods": ["pca", "qbmvae_rbm"], "only_cached": True}
+    )
+    assert "not run yet" in cached_only.skipped["qbmvae_rbm (seed 0)"]
     # A different training configuration is a new run (the patched fit is called).
     changed = run_suite(**{**kwargs, "max_epochs": 3, "methods": ["qbmvae_rbm"]})
     assert changed.n_computed == 0 and "qbmvae_rbm (seed 0)" in changed.skipped
