@@ -75,7 +75,22 @@ def resample_counts(source, n_cells: int, seed: int, chunk: int = 100_000):
         block.eliminate_zeros()
         picks.append(idx)
         blocks.append(block)
-    return sp.vstack(blocks, format="csr"), np.concatenate(picks)
+    X = sp.vstack(blocks, format="csr")
+    # Models refuse genes and cells without counts: give each such gene (cell) one count in
+    # a random cell (gene), rather than change the number of genes or cells.
+    fix_genes = np.flatnonzero(np.asarray(X.sum(0)).ravel() == 0)
+    fix_cells = np.flatnonzero(np.asarray(X.sum(1)).ravel() == 0)
+    extra = sp.csr_matrix(
+        (
+            np.ones(len(fix_genes) + len(fix_cells), dtype=np.float32),
+            (
+                np.concatenate([rng.integers(0, n_cells, len(fix_genes)), fix_cells]),
+                np.concatenate([fix_genes, rng.integers(0, X.shape[1], len(fix_cells))]),
+            ),
+        ),
+        shape=X.shape,
+    )
+    return (X + extra).tocsr(), np.concatenate(picks)
 
 
 def make_dataset(path: Path, n_cells: int, seed: int, source_path: str | None = None):
