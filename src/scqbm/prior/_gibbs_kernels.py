@@ -184,10 +184,15 @@ def dense_gibbs_sweep(
 
 
 def _per_chain_row(scale, n_chains, dtype, device):
-    """A scalar or ``(n_chains, 1)`` scale as a float or a ``(1, n_chains)`` row."""
-    if not isinstance(scale, torch.Tensor) or scale.numel() == 1:
+    """A scalar or ``(n_chains, 1)`` scale as a float, a 0-d tensor or a ``(1, n_chains)`` row.
+
+    Tensors stay tensors (no ``float()``): reading a device scalar on the host would stall a
+    GPU on every sweep.
+    """
+    if not isinstance(scale, torch.Tensor):
         return float(scale)
-    return scale.to(device=device, dtype=dtype).reshape(1, n_chains)
+    scale = scale.to(device=device, dtype=dtype)
+    return scale.reshape(()) if scale.numel() == 1 else scale.reshape(1, n_chains)
 
 
 def _blocked_sweep(z, h, W, field_scale, coupling, order, thresholds, use_numba, block_size):
