@@ -29,12 +29,12 @@ import pandas as pd
 import torch
 
 from scqbm.samplers import (
-    CalibratedSampler,
     DimodSampler,
     GibbsSampler,
     ParallelTemperingSampler,
     RemoteSampler,
     compare,
+    make_sampler,
 )
 
 
@@ -83,7 +83,8 @@ def backends(n: int, sweeps: int, seed: int, server, reads: int):
         # dwave-samplers' own schedule (it picks beta_range from the problem).
         samplers["sa_raw"] = DimodSampler(n, seed=seed, num_sweeps=sweeps)
         # A fixed schedule (as a physical annealer's temperature is fixed), then calibrated.
-        samplers["sa_calibrated"] = CalibratedSampler(
+        samplers["sa_calibrated"] = make_sampler(
+            "calibrated",
             n,
             backend_kwargs={
                 "sampler": "simulated_annealing",

@@ -148,7 +148,7 @@ def test_save_load_round_trip(trained, adata, tmp_path):
     with_data = QBMVAE.load(tmp_path / "model")
     np.testing.assert_array_equal(with_data.get_latent_representation(), latent)
     assert torch.equal(with_data.module.sampler.state, trained.module.sampler.state)
-    assert with_data.module.log_z.item() == trained.module.log_z.item()
+    assert with_data.module.prior.log_z.item() == trained.module.prior.log_z.item()
     without_data = QBMVAE.load(tmp_path / "model", adata=adata)
     np.testing.assert_array_equal(without_data.get_latent_representation(), latent)
     # Training continues from the restored chains.

@@ -280,8 +280,8 @@ def test_dimod_sampler_options_are_checked(dwave):
     h, W, _ = problem("bm", 4)
     with pytest.raises(ValueError, match="Unknown dimod sampler"):
         DimodSampler(4, "quantum_magic")
-    with pytest.raises(TypeError, match="per call"):
-        DimodSampler(4, num_reads=3)
+    # The reads per training step are declared (properties), not a pass-through keyword.
+    assert DimodSampler(4, num_reads=3).properties == {"persistent": False, "num_reads": 3}
     with pytest.raises(TypeError, match="does not accept"):
         DimodSampler(4, num_sweep=10).sample(h, W, 2)
     sampler = DimodSampler(4, seed=1, num_sweeps=10)
@@ -359,9 +359,7 @@ def test_effective_beta_of_exact_samples_at_a_known_temperature(dwave, structure
 def test_calibration_recovers_a_known_backend_temperature(dwave):
     h, W, n_visible = problem("rbm", 14)
     sampler = CalibratedSampler(
-        14,
-        backend_kwargs={"sampler": "tree_decomposition", "seed": 0, "beta": 2.5},
-        calibrate_every=3,
+        DimodSampler(14, "tree_decomposition", seed=0, beta=2.5), calibrate_every=3
     )
     result = sampler.sample(h, W, 20000, n_visible=n_visible)
     assert result.info["calibration_converged"]
@@ -371,7 +369,7 @@ def test_calibration_recovers_a_known_backend_temperature(dwave):
     again = sampler.sample(h, W, 100, n_visible=n_visible)
     assert "target_beta" not in again.info
     assert again.info["effective_beta"] == pytest.approx(result.info["effective_beta"], rel=0.05)
-    restored = CalibratedSampler(14, backend_kwargs={"sampler": "tree_decomposition"})
+    restored = CalibratedSampler(DimodSampler(14, "tree_decomposition"))
     restored.load_state_dict(sampler.state_dict(), strict=True)
     assert float(restored.scale) == float(sampler.scale) and int(restored.calls) == 2
 
@@ -381,7 +379,7 @@ def test_calibration_keeps_its_scale_on_an_uninformative_prior(dwave):
     # estimator returns a bound (0.01). Rescaling by it would send a problem 100x too large.
     h, W = torch.zeros(6), torch.zeros(6, 6)
     assert estimate_effective_beta(torch.ones(50, 6), h, W) == pytest.approx(0.01, rel=1e-3)
-    sampler = CalibratedSampler(6, backend_kwargs={"sampler": "tree_decomposition", "seed": 0})
+    sampler = CalibratedSampler(DimodSampler(6, "tree_decomposition", seed=0))
     result = sampler.sample(h, W, 500)
     assert not result.info["calibration_informative"] and not result.info["calibration_converged"]
     assert float(sampler.scale) == 1.0 and result.info["effective_beta"] == 1.0
@@ -410,11 +408,7 @@ def test_calibrated_simulated_annealing_matches_exact(dwave, structure, n):
 
 def test_calibration_warns_when_the_backend_schedule_scales_with_the_problem(dwave):
     h, W, _ = problem("bm", 10)
-    sampler = CalibratedSampler(
-        10,
-        backend_kwargs={"sampler": "simulated_annealing", "seed": 0, "num_sweeps": 50},
-        max_iter=3,
-    )
+    sampler = CalibratedSampler(DimodSampler(10, seed=0, num_sweeps=50), max_iter=3)
     with pytest.warns(RuntimeWarning, match="scales with the problem"):
         result = sampler.sample(h, W, 500)
     assert not result.info["calibration_converged"]

@@ -33,9 +33,7 @@ from scvi.utils import setup_anndata_dsp
 
 from scqbm._validation import InvalidInputError, check_counts, check_expression, check_obs_keys
 from scqbm.module import QBMVAEModule
-from scqbm.nn import make_relaxation
 from scqbm.prior import LogPartitionEstimate
-from scqbm.samplers import GibbsSampler
 from scqbm.train import QBMTrainingPlan
 
 if TYPE_CHECKING:
@@ -78,6 +76,8 @@ class QBMVAE(
         beyond). ``"rbm"``: bipartite (block Gibbs, exact log Z up to 40 units), ~10% faster
         to train. On the Kang PBMCs (3 seeds, 20 epochs) ``"bm"`` had the higher scIB Total
         (0.746 vs 0.708; scVI 0.593); see ``benchmarks/results``.
+        ``"factorial"``: the ablation without couplings (fields only; exact log Z
+        ``sum softplus(h)``, no negative phase).
     relaxation
         ``"spike_exp"`` (spike-and-exponential, the paper's choice) or ``"overlapping_exp"``
         (DVAE++).
@@ -122,7 +122,7 @@ class QBMVAE(
         dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
         gene_likelihood: Literal["zinb", "nb", "poisson", "normal"] = "zinb",
         use_observed_lib_size: bool = True,
-        prior: Literal["bm", "rbm"] = "bm",
+        prior: Literal["bm", "rbm", "factorial"] = "bm",
         relaxation: Literal["spike_exp", "overlapping_exp"] = "spike_exp",
         beta: float = 10.0,
         sampler: str = "gibbs",
@@ -366,15 +366,10 @@ class QBMVAE(
         (unpacks as ``value, stderr``).
 
         """
-        module = self.module
+        prior = self.module.prior
         if method == "stored":
-            if torch.isnan(module.log_z):
-                with torch.inference_mode(False):
-                    module.refresh_log_partition(**ais_kwargs)
-            kind = "exact" if module.exact_log_partition else "ais"
-            return LogPartitionEstimate(float(module.log_z), float(module.log_z_stderr), kind)
-        with torch.inference_mode(False):
-            return module.prior.log_partition(method, **{**module.ais_kwargs, **ais_kwargs})
+            return prior.stored_estimate()
+        return prior.log_partition(method, **ais_kwargs)
 
     @torch.inference_mode()
     def get_prior_parameters(self) -> tuple[np.ndarray, np.ndarray]:
@@ -401,20 +396,7 @@ class QBMVAE(
         Array of shape ``(n_samples, n_latent)`` with values in {0, 1}.
 
         """
-        prior = self.module.prior
-        sampler = GibbsSampler(
-            prior.n_units,
-            num_chains=n_samples,
-            num_sweeps=1,
-            burn_in=burn_in,
-            seed=seed,
-            persistent=False,
-        )
-        with torch.inference_mode(False):
-            samples = sampler.sample(
-                prior.h, prior.coupling_matrix(), n_samples, n_visible=prior.n_visible
-            )
-        return samples.samples.cpu().numpy()
+        return self.module.sample_prior(n_samples, burn_in=burn_in, seed=seed).cpu().numpy()
 
     def _batch_codes(self, batch, n_cells: int, rng: np.random.Generator) -> np.ndarray:
         mapping = self.adata_manager.get_state_registry(
@@ -471,14 +453,6 @@ class QBMVAE(
         rng = np.random.default_rng(seed)
         if seed is not None:
             torch.manual_seed(seed)
-        module = self.module
-        z = torch.as_tensor(
-            self.sample_prior(n_cells, burn_in=burn_in, seed=seed), device=module.device
-        )
-        relaxation = make_relaxation(
-            module.relaxation, torch.zeros(1, device=module.device), module.beta
-        )
-        zeta = relaxation.sample_conditional(z)
         codes = self._batch_codes(batch, n_cells, rng)
         if library_size is not None:
             log_library = np.full(n_cells, np.log(library_size))
@@ -488,15 +462,13 @@ class QBMVAE(
             log_library = rng.normal(means, sds)
         else:
             raise ValueError("Pass `library_size=`: this model has no library statistics.")
-        batch_index = torch.as_tensor(codes, device=module.device).unsqueeze(-1)
-        px = module.generative(
-            z=zeta,
-            library=torch.as_tensor(log_library, dtype=zeta.dtype, device=module.device).unsqueeze(
-                -1
-            ),
-            batch_index=batch_index,
-            y=torch.zeros_like(batch_index),
-        )[MODULE_KEYS.PX_KEY]
+        z, energies, px = self.module.generate_from_prior(
+            n_cells,
+            batch_index=torch.as_tensor(codes).unsqueeze(-1),
+            log_library=torch.as_tensor(log_library, dtype=torch.float32).unsqueeze(-1),
+            burn_in=burn_in,
+            seed=seed,
+        )
         x = px.sample().cpu().numpy().astype(np.float32)
         mapping = list(
             self.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
@@ -504,7 +476,7 @@ class QBMVAE(
         obs = pd.DataFrame(
             {
                 "batch": pd.Categorical([mapping[c] for c in codes], categories=mapping),
-                "prior_energy": module.prior.energy(z).cpu().numpy(),
+                "prior_energy": energies.cpu().numpy(),
             },
             index=[f"generated_{i}" for i in range(n_cells)],
         )

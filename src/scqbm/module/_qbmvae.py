@@ -13,9 +13,12 @@ from scvi.module._constants import MODULE_KEYS
 from scvi.module.base import LossOutput, auto_move_data
 from torch.distributions import Normal
 
-from scqbm.nn import BernoulliEncoder, bernoulli_entropy
-from scqbm.prior import BoltzmannPrior, LatentTooLargeError, LogPartitionEstimate
-from scqbm.samplers import SampleSet, make_sampler
+from scqbm.nn import BernoulliEncoder, make_relaxation
+from scqbm.prior import LOG_Z_TOLERANCE, BoltzmannPrior, LogPartitionEstimate
+from scqbm.samplers import DEFAULT_NUM_READS, SampleSet, make_sampler
+
+#: A posterior probability beyond (SATURATION_LEVEL, 1 - SATURATION_LEVEL) counts as saturated.
+SATURATION_LEVEL = 0.01
 
 
 class QBMVAEModule(VAE):
@@ -27,18 +30,20 @@ class QBMVAEModule(VAE):
 
     * ``q(z|x)`` is a factorial Bernoulli with logits from :class:`~scqbm.nn.BernoulliEncoder`;
       the decoder sees a relaxed sample ``zeta`` in [0, 1]^n (``relaxation``, ``beta``).
-    * ``p(z) = exp(-E(z)) / Z`` with ``E(z) = -h.z - z'Wz`` (:class:`~scqbm.prior.BoltzmannPrior`).
+    * ``p(z) = exp(-E(z)) / Z`` with ``E(z) = -h.z - z'Wz`` (:class:`~scqbm.prior.BoltzmannPrior`,
+      which owns log Z and the KL: :meth:`~scqbm.prior.BoltzmannPrior.kl`).
     * ``KL(q||p) = -H(q) + E_q[E(z)] + log Z``; the first two terms are exact for a factorial
       ``q``. The gradient of ``log Z`` is ``-E_p[dE/dtheta]``, estimated from negative-phase
-      samples handed to :meth:`loss` by the training plan; the *value* of ``log Z`` in the
-      reported KL comes from :meth:`refresh_log_partition` (exact or AIS).
+      samples (:meth:`sample_negative_phase`) handed to :meth:`loss` by the training plan;
+      the *value* of ``log Z`` in the reported KL is the prior's stored estimate.
 
     Parameters
     ----------
     n_input, n_batch, n_labels, n_hidden, n_latent, n_layers, dropout_rate, ...
         As in :class:`~scvi.module.VAE` (``n_latent`` is the number of binary units).
     prior
-        ``"rbm"`` (bipartite) or ``"bm"`` (fully connected).
+        ``"rbm"`` (bipartite), ``"bm"`` (fully connected) or ``"factorial"`` (fields only, no
+        couplings: the ablation; exact log Z and no negative phase).
     n_visible
         First-side size of the RBM prior (default ``n_latent // 2``).
     relaxation
@@ -47,11 +52,19 @@ class QBMVAEModule(VAE):
         Sharpness of the relaxation.
     sampler, sampler_kwargs
         Negative-phase backend by name (see :func:`scqbm.samplers.available_samplers`).
+    num_negative_samples
+        Negative samples per training step when the sampler leaves the number to the caller
+        (its ``properties["num_reads"]`` is ``None``; default
+        :data:`~scqbm.samplers.DEFAULT_NUM_READS`). A sampler that declares its number (the
+        chain samplers' ``num_chains``) must not be contradicted.
     log_partition
         How the value of log Z is estimated: ``"exact"``, ``"ais"`` or ``"auto"`` (exact when
         at most 2**20 states need enumerating).
     ais_kwargs
-        Keyword arguments of :func:`~scqbm.prior.ais_log_partition` for refreshes.
+        AIS settings of the prior's refreshes (see :class:`~scqbm.prior.BoltzmannPrior`).
+    log_z_tolerance
+        Drift tolerance (nats) of the stored log Z (see
+        :meth:`~scqbm.prior.BoltzmannPrior.log_z_drift`).
     **vae_kwargs
         Passed to :class:`~scvi.module.VAE`.
 
@@ -61,14 +74,16 @@ class QBMVAEModule(VAE):
         self,
         n_input: int,
         n_latent: int = 32,
-        prior: Literal["bm", "rbm"] = "bm",
+        prior: Literal["bm", "rbm", "factorial"] = "bm",
         n_visible: int | None = None,
         relaxation: Literal["spike_exp", "overlapping_exp"] = "spike_exp",
         beta: float = 10.0,
         sampler: str = "gibbs",
         sampler_kwargs: dict | None = None,
+        num_negative_samples: int | None = None,
         log_partition: Literal["auto", "exact", "ais"] = "auto",
         ais_kwargs: dict | None = None,
+        log_z_tolerance: float = LOG_Z_TOLERANCE,
         **vae_kwargs,
     ):
         vae_kwargs.pop("latent_distribution", None)
@@ -81,62 +96,101 @@ class QBMVAEModule(VAE):
         self.z_encoder = BernoulliEncoder(trunk, self.n_hidden, n_latent, relaxation, beta)
         self.relaxation = relaxation
         self.beta = beta
-        self.prior = BoltzmannPrior(n_latent, structure=prior, n_visible=n_visible)
+        self.prior = BoltzmannPrior(
+            n_latent,
+            structure=prior,
+            n_visible=n_visible,
+            log_partition=log_partition,
+            ais_kwargs=ais_kwargs,
+            log_z_tolerance=log_z_tolerance,
+        )
         self.sampler_name = sampler
         self.sampler = make_sampler(sampler, n_latent, **(sampler_kwargs or {}))
-        if log_partition not in ("auto", "exact", "ais"):
-            raise ValueError(
-                f"`log_partition` must be 'auto', 'exact' or 'ais', got {log_partition!r}."
-            )
-        if log_partition == "exact" and not self.prior.can_enumerate():
-            raise LatentTooLargeError(
-                f"`log_partition='exact'` is not feasible for n_latent={n_latent} with "
-                f"prior={prior!r}: use log_partition='auto' or 'ais', prior='rbm' (which "
-                "enumerates only its smaller side, up to n_latent=40), or n_latent <= 20."
-            )
-        self.log_partition_method = log_partition
-        self.ais_kwargs = {"n_chains": 256, "n_betas": 500, **(ais_kwargs or {})}
-        # Current estimate of log Z (value only; gradients come from negative samples).
-        self.register_buffer("log_z", torch.tensor(float("nan")))
-        self.register_buffer("log_z_stderr", torch.tensor(float("nan")))
+        self.num_negative_samples = self._resolve_num_reads(num_negative_samples)
+        # Fraction of saturated posterior probabilities on the last training batch.
+        self.last_saturation = float("nan")
+
+    def _resolve_num_reads(self, requested: int | None) -> int:
+        declared = self.sampler.properties["num_reads"]
+        if requested is not None:
+            if isinstance(requested, bool) or int(requested) != requested or requested < 1:
+                raise ValueError(
+                    f"`num_negative_samples` must be a positive integer, got {requested!r}."
+                )
+            if declared is not None and int(requested) != declared:
+                raise ValueError(
+                    f"`num_negative_samples={requested}` contradicts sampler "
+                    f"{self.sampler_name!r}, "
+                    f"which is built for {declared} reads per step: set it in `sampler_kwargs` "
+                    "(e.g. num_chains) instead."
+                )
+            return int(requested)
+        return DEFAULT_NUM_READS if declared is None else int(declared)
 
     # ------------------------------------------------------------------ log Z
     @property
     def exact_log_partition(self) -> bool:
-        """Whether the value of log Z is computed by enumeration."""
-        return self.log_partition_method == "exact" or (
-            self.log_partition_method == "auto" and self.prior.can_enumerate()
-        )
+        """Whether the value of log Z is computed exactly (see the prior)."""
+        return self.prior.exact
+
+    def refresh_log_partition(self, final: bool = False, **ais_kwargs) -> LogPartitionEstimate:
+        """Re-estimate and store log Z (delegates to :meth:`BoltzmannPrior.refresh`)."""
+        return self.prior.refresh(final=final, **ais_kwargs)
 
     @torch.no_grad()
-    def estimate_log_partition(self, **ais_kwargs) -> LogPartitionEstimate:
-        """A fresh estimate of log Z under the current prior parameters."""
-        method = "exact" if self.exact_log_partition else "ais"
-        return self.prior.log_partition(method, **{**self.ais_kwargs, **ais_kwargs})
+    def sample_negative_phase(self) -> SampleSet | None:
+        """Negative-phase samples of the prior for the gradient of log Z.
 
-    @torch.no_grad()
-    def refresh_log_partition(self, **ais_kwargs) -> LogPartitionEstimate:
-        """Recompute log Z and store it in the ``log_z`` / ``log_z_stderr`` buffers (in place)."""
-        estimate = self.estimate_log_partition(**ais_kwargs)
-        self.log_z.fill_(estimate.value)
-        self.log_z_stderr.fill_(estimate.stderr)
-        return estimate
-
-    def current_log_z(self) -> torch.Tensor:
-        """The stored log Z, computed on first use."""
-        if torch.isnan(self.log_z):
-            self.refresh_log_partition()
-        return self.log_z
-
-    @torch.no_grad()
-    def sample_negative_phase(self) -> SampleSet:
-        """Persistent-chain samples of the prior for the gradient of log Z."""
+        ``num_negative_samples`` reads (the sampler's declared number); ``None`` for a prior
+        that needs none (``"factorial"``: exact gradient in closed form).
+        """
+        if not self.prior.needs_negative_phase:
+            return None
         return self.sampler.sample(
             self.prior.h,
             self.prior.coupling_matrix(),
-            getattr(self.sampler, "num_chains", 512),
+            self.num_negative_samples,
             n_visible=self.prior.n_visible,
         )
+
+    @torch.no_grad()
+    def sample_prior(self, n_samples: int, burn_in: int = 1_000, seed: int | None = None):
+        """Binary prior samples from fresh chains (training chains untouched)."""
+        return self.prior.sample(n_samples, burn_in=burn_in, seed=seed)
+
+    @torch.no_grad()
+    def generate_from_prior(
+        self,
+        n_cells: int,
+        batch_index: torch.Tensor,
+        log_library: torch.Tensor,
+        burn_in: int = 1_000,
+        seed: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.distributions.Distribution]:
+        """``z ~ p(z)``, ``zeta ~ r(zeta | z)``, then the decoder's distribution of counts.
+
+        Returns ``(z, prior energies of z, px)``; ``batch_index`` and ``log_library`` have
+        shape ``(n_cells, 1)``.
+        """
+        z = self.sample_prior(n_cells, burn_in=burn_in, seed=seed).to(self.device)
+        relaxation = make_relaxation(
+            self.relaxation, torch.zeros(1, device=self.device), self.beta
+        )
+        zeta = relaxation.sample_conditional(z)
+        px = self.generative(
+            z=zeta,
+            library=log_library.to(device=self.device, dtype=zeta.dtype),
+            batch_index=batch_index.to(self.device),
+            y=torch.zeros_like(batch_index, device=self.device),
+        )[MODULE_KEYS.PX_KEY]
+        return z, self.prior.energy(z), px
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Models saved before the prior owned log Z kept it on the module.
+        for key in ("log_z", "log_z_stderr"):
+            if prefix + key in state_dict and prefix + "prior." + key not in state_dict:
+                state_dict[prefix + "prior." + key] = state_dict.pop(prefix + key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------- generative
     @auto_move_data
@@ -174,18 +228,8 @@ class QBMVAEModule(VAE):
         logits: torch.Tensor,
         negative_samples: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-cell ``KL(q(z|x) || p(z)) = -H(q) + E_q[E(z)] + log Z``.
-
-        With ``negative_samples`` (binary ``(S, n)``, no gradient), the log Z term carries the
-        gradient ``-mean_s dE(z_s)/dtheta`` while its value stays the stored estimate.
-        """
-        W = self.prior.coupling_matrix()
-        probs = torch.sigmoid(logits)
-        log_z = self.current_log_z()
-        if negative_samples is not None:
-            surrogate = -self.prior.energy(negative_samples, W).mean()
-            log_z = log_z + (surrogate - surrogate.detach())
-        return -bernoulli_entropy(logits) + self.prior.expected_energy(probs, W) + log_z
+        """Per-cell ``KL(q(z|x) || p(z))`` (delegates to :meth:`BoltzmannPrior.kl`)."""
+        return self.prior.kl(logits, negative_samples)
 
     def loss(
         self,
@@ -202,6 +246,12 @@ class QBMVAEModule(VAE):
         qz = inference_outputs[MODULE_KEYS.QZ_KEY]
         reconst_loss = -generative_outputs[MODULE_KEYS.PX_KEY].log_prob(x).sum(-1)
         kl_z = self.kl_divergence_z(qz.logits, negative_samples)
+        if self.training:  # a training step: watch for a saturated latent
+            with torch.no_grad():
+                probs = qz.probs
+                level = SATURATION_LEVEL
+                saturated = ((probs < level) | (probs > 1.0 - level)).float().mean()
+            self.last_saturation = float(saturated)
         if not self.use_observed_lib_size:
             kl_l = kl_divergence(
                 inference_outputs[MODULE_KEYS.QL_KEY], generative_outputs[MODULE_KEYS.PL_KEY]
@@ -234,7 +284,7 @@ class QBMVAEModule(VAE):
         n_mc_samples_per_pass = min(n_mc_samples_per_pass, n_mc_samples)
         n_passes = int(np.ceil(n_mc_samples / n_mc_samples_per_pass))
         x = tensors[REGISTRY_KEYS.X_KEY]
-        log_z = self.current_log_z()
+        log_z = self.prior.current_log_z()
         W = self.prior.coupling_matrix()
         batch_index = tensors[REGISTRY_KEYS.BATCH_KEY]
         to_sum = []

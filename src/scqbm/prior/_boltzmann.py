@@ -1,26 +1,48 @@
-"""Boltzmann-machine priors over binary latents: p(z) = exp(-E(z)) / Z, E(z) = -h.z - z'Wz."""
+"""Boltzmann-machine priors over binary latents: p(z) = exp(-E(z)) / Z, E(z) = -h.z - z'Wz.
+
+:class:`BoltzmannPrior` is the one owner of the Boltzmann side of the model: its parameters,
+the stored estimate of log Z (value and standard error, as buffers) with the estimator
+settings, the KL term of the ELBO, and fresh samples. The module calls it; the training plan
+only decides when to :meth:`~BoltzmannPrior.refresh`.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from scqbm.nn._relaxations import bernoulli_entropy
+
 from ._energy import boltzmann_energy
+from ._gibbs_kernels import gibbs_sweep
 from ._log_partition import (
+    AIS_FINAL_N_BETAS,
+    AIS_FINAL_N_CHAINS,
+    AIS_N_BETAS,
+    AIS_N_CHAINS,
     MAX_EXACT_UNITS,
+    LatentTooLargeError,
     LogPartitionEstimate,
     ais_log_partition,
     exact_log_partition,
     n_enumerated_units,
 )
 
-PriorStructure = Literal["bm", "rbm"]
+PriorStructure = Literal["bm", "rbm", "factorial"]
+LogPartitionMethod = Literal["auto", "exact", "ais"]
+PRIOR_STRUCTURES = ("bm", "rbm", "factorial")
+
+#: Default tolerance (nats) of the stored log Z against the current prior: the drift bound
+#: plus AIS error stays within 1 nat per cell of a fresh estimate.
+LOG_Z_TOLERANCE = 0.5
 
 
 class BoltzmannPrior(nn.Module):
-    """Boltzmann machine over ``n_units`` binary units.
+    """Boltzmann machine over ``n_units`` binary units, with its log Z estimate and KL.
 
     Parameters
     ----------
@@ -30,10 +52,25 @@ class BoltzmannPrior(nn.Module):
         ``"bm"``: fully connected, ``W`` symmetric with zero diagonal (the QBM-VAE paper).
         ``"rbm"``: bipartite; units ``[0, n_visible)`` couple only to ``[n_visible, n)``, which
         allows block Gibbs sampling and exact log Z by enumerating the smaller side.
+        ``"factorial"``: no couplings at all (``W = 0``, fields only), the ablation that
+        separates what the couplings do from what the binary bottleneck does; log Z is
+        ``sum softplus(h)`` in closed form and samples are exact independent draws.
     n_visible
-        Size of the first side of an RBM (default ``n_units // 2``). Ignored for ``"bm"``.
+        Size of the first side of an RBM (default ``n_units // 2``). Ignored otherwise.
     init_scale
         Standard deviation of the initial couplings (fields start at zero).
+    log_partition
+        How the stored value of log Z is estimated: ``"exact"`` (enumeration), ``"ais"``
+        (annealed importance sampling) or ``"auto"`` (exact when at most
+        :data:`~scqbm.prior.MAX_EXACT_UNITS` units need enumerating).
+    ais_kwargs
+        ``n_chains`` and ``n_betas`` of routine AIS refreshes (defaults
+        :data:`AIS_N_CHAINS`, :data:`AIS_N_BETAS`); ``final_n_chains`` and ``final_n_betas``
+        of the final estimate at the end of training.
+    log_z_tolerance
+        Largest allowed distance (nats) between the stored log Z and that of the current
+        parameters, as guaranteed by :meth:`log_z_drift`; the training plan refreshes when
+        the drift exceeds it.
 
     Notes
     -----
@@ -49,22 +86,33 @@ class BoltzmannPrior(nn.Module):
         structure: PriorStructure = "rbm",
         n_visible: int | None = None,
         init_scale: float = 0.01,
+        log_partition: LogPartitionMethod = "auto",
+        ais_kwargs: dict | None = None,
+        log_z_tolerance: float = LOG_Z_TOLERANCE,
     ):
         super().__init__()
-        if structure not in ("bm", "rbm"):
-            raise ValueError(f"`prior` must be 'bm' or 'rbm', got {structure!r}.")
+        if structure not in PRIOR_STRUCTURES:
+            raise ValueError(
+                f"`prior` must be one of {list(PRIOR_STRUCTURES)}, got {structure!r}."
+            )
         if n_units < 2:
             raise ValueError(f"A Boltzmann prior needs at least 2 latent units, got {n_units}.")
+        if log_partition not in ("auto", "exact", "ais"):
+            raise ValueError(
+                f"`log_partition` must be 'auto', 'exact' or 'ais', got {log_partition!r}."
+            )
+        if not log_z_tolerance > 0:
+            raise ValueError(f"`log_z_tolerance` must be positive, got {log_z_tolerance}.")
         self.n_units = n_units
         self.structure = structure
+        self.n_visible = None
         self.h = nn.Parameter(torch.zeros(n_units))
         if structure == "bm":
-            self.n_visible = None
             rows, cols = torch.triu_indices(n_units, n_units, offset=1)
             self.register_buffer("_rows", rows, persistent=False)
             self.register_buffer("_cols", cols, persistent=False)
             self.couplings = nn.Parameter(init_scale * torch.randn(rows.numel()))
-        else:
+        elif structure == "rbm":
             self.n_visible = n_units // 2 if n_visible is None else int(n_visible)
             if not 0 < self.n_visible < n_units:
                 raise ValueError(
@@ -73,22 +121,64 @@ class BoltzmannPrior(nn.Module):
                 )
             n_hidden = n_units - self.n_visible
             self.couplings = nn.Parameter(init_scale * torch.randn(self.n_visible, n_hidden))
+        else:
+            # No parameter at all: an optimizer cannot move couplings that do not exist.
+            self.couplings = None
+        self.log_partition_method = log_partition
+        ais = dict(ais_kwargs or {})
+        unknown = set(ais) - {"n_chains", "n_betas", "final_n_chains", "final_n_betas"}
+        if unknown:
+            raise TypeError(
+                f"Unknown `ais_kwargs` {sorted(unknown)}; accepted: n_chains, n_betas, "
+                "final_n_chains, final_n_betas."
+            )
+        self.ais_kwargs = {
+            "n_chains": int(ais.get("n_chains", AIS_N_CHAINS)),
+            "n_betas": int(ais.get("n_betas", AIS_N_BETAS)),
+        }
+        self.final_ais_kwargs = {
+            "n_chains": int(ais.get("final_n_chains", AIS_FINAL_N_CHAINS)),
+            "n_betas": int(ais.get("final_n_betas", AIS_FINAL_N_BETAS)),
+        }
+        if log_partition == "exact" and not self.can_enumerate():
+            raise LatentTooLargeError(
+                f"`log_partition='exact'` is not feasible for n_latent={n_units} with "
+                f"prior={structure!r}: use log_partition='auto' or 'ais', prior='rbm' (which "
+                f"enumerates only its smaller side, up to n_latent={2 * MAX_EXACT_UNITS}), or "
+                f"n_latent <= {MAX_EXACT_UNITS}."
+            )
+        self.log_z_tolerance = float(log_z_tolerance)
+        # Stored estimate of log Z (value only; gradients come from negative samples).
+        self.register_buffer("log_z", torch.tensor(float("nan")))
+        self.register_buffer("log_z_stderr", torch.tensor(float("nan")))
+        # Parameters at the last estimate, for the drift bound; not saved (a loaded model
+        # re-estimates before it trains on, queries use the stored value as saved).
+        self.register_buffer("_ref_h", torch.zeros(n_units), persistent=False)
+        n_free = 0 if self.couplings is None else self.couplings.numel()
+        self.register_buffer("_ref_couplings", torch.zeros(n_free), persistent=False)
+        self._has_reference = False
 
-    def coupling_matrix(self) -> torch.Tensor:
-        """Dense symmetric zero-diagonal ``W`` of shape ``(n, n)`` (differentiable)."""
+    # ------------------------------------------------------------- parameters
+    def coupling_matrix(self, couplings: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense symmetric zero-diagonal ``W`` of shape ``(n, n)`` (differentiable).
+
+        ``couplings``: other free entries of the same shape (default: the parameters).
+        """
+        couplings = self.couplings if couplings is None else couplings
         n = self.n_units
+        W = torch.zeros(n, n, device=self.h.device, dtype=self.h.dtype)
+        if self.structure == "factorial":
+            return W
         if self.structure == "bm":
-            upper = torch.zeros(n, n, device=self.h.device, dtype=self.h.dtype)
-            upper = upper.index_put((self._rows, self._cols), self.couplings)
+            upper = W.index_put((self._rows, self._cols), couplings)
             return upper + upper.T
         nv = self.n_visible
-        W = torch.zeros(n, n, device=self.h.device, dtype=self.h.dtype)
         W = W.index_put(
             (
                 torch.arange(nv, device=W.device).unsqueeze(-1),
                 torch.arange(nv, n, device=W.device),
             ),
-            self.couplings,
+            couplings,
         )
         return W + W.T
 
@@ -105,27 +195,193 @@ class BoltzmannPrior(nn.Module):
         """
         return self.energy(probs, W)
 
+    # ------------------------------------------------------------------ log Z
     def can_enumerate(self) -> bool:
         """Whether exact log Z is within :data:`MAX_EXACT_UNITS` enumerated units."""
+        if self.structure == "factorial":
+            return True
         return n_enumerated_units(self.n_units, self.n_visible) <= MAX_EXACT_UNITS
+
+    @property
+    def exact(self) -> bool:
+        """Whether the stored log Z is computed exactly (enumeration or closed form)."""
+        return self.log_partition_method == "exact" or (
+            self.log_partition_method == "auto" and self.can_enumerate()
+        )
+
+    @property
+    def needs_negative_phase(self) -> bool:
+        """Whether the gradient of log Z needs negative-phase samples (not for ``factorial``)."""
+        return self.structure != "factorial"
 
     def log_partition_exact(self) -> torch.Tensor:
         """Exact log Z (differentiable); raises ``LatentTooLargeError`` beyond the limit."""
+        if self.structure == "factorial":
+            return F.softplus(self.h).sum()
         return exact_log_partition(self.h, self.coupling_matrix(), self.n_visible)
 
     @torch.no_grad()
     def log_partition(
         self,
-        method: Literal["auto", "exact", "ais"] = "auto",
+        method: LogPartitionMethod = "auto",
         **ais_kwargs,
     ) -> LogPartitionEstimate:
-        """Estimate log Z: exact for ``"exact"`` (or ``"auto"`` when small enough), else AIS."""
+        """A fresh estimate of log Z (nothing is stored).
+
+        Exact for ``"exact"`` (or ``"auto"`` when small enough), else AIS with the prior's
+        settings updated by ``ais_kwargs`` (``n_chains``, ``n_betas``, ``generator``).
+        """
         if method not in ("auto", "exact", "ais"):
             raise ValueError(f"`method` must be 'auto', 'exact' or 'ais', got {method!r}.")
-        if method == "exact" or (method == "auto" and self.can_enumerate()):
-            return LogPartitionEstimate(float(self.log_partition_exact()), 0.0, "exact")
-        return ais_log_partition(self.h, self.coupling_matrix(), self.n_visible, **ais_kwargs)
+        # Outside inference mode even for queries: the enumerated states are cached and must
+        # stay usable by later differentiable computations.
+        with torch.inference_mode(False):
+            if method == "exact" or (method == "auto" and self.can_enumerate()):
+                return LogPartitionEstimate(float(self.log_partition_exact()), 0.0, "exact")
+            return ais_log_partition(
+                self.h,
+                self.coupling_matrix(),
+                self.n_visible,
+                **{**self.ais_kwargs, **ais_kwargs},
+            )
+
+    def estimate(self, final: bool = False, **ais_kwargs) -> LogPartitionEstimate:
+        """A fresh estimate with the prior's own method (``final``: the precise AIS settings)."""
+        base = self.final_ais_kwargs if final else self.ais_kwargs
+        method = "exact" if self.exact else "ais"
+        return self.log_partition(method, **{**base, **ais_kwargs})
+
+    def refresh(self, final: bool = False, **ais_kwargs) -> LogPartitionEstimate:
+        """Re-estimate log Z and store it (value, standard error, reference parameters).
+
+        Safe to call from query methods under ``torch.inference_mode()``: the buffers are
+        updated in place with inference mode switched off here, so they stay usable by later
+        backward passes.
+        """
+        estimate = self.estimate(final=final, **ais_kwargs)
+        with torch.inference_mode(False), torch.no_grad():
+            self.log_z.fill_(estimate.value)
+            self.log_z_stderr.fill_(estimate.stderr)
+            self._ref_h.copy_(self.h.detach())
+            if self.couplings is not None:
+                self._ref_couplings.copy_(self.couplings.detach().reshape(-1))
+        self._has_reference = True
+        return estimate
+
+    def current_log_z(self) -> torch.Tensor:
+        """The stored log Z (a 0-d buffer), estimated on first use."""
+        if torch.isnan(self.log_z):
+            self.refresh()
+        return self.log_z
+
+    def stored_estimate(self) -> LogPartitionEstimate:
+        """The stored log Z as a :class:`~scqbm.prior.LogPartitionEstimate`."""
+        self.current_log_z()
+        kind = "exact" if self.exact else "ais"
+        return LogPartitionEstimate(float(self.log_z), float(self.log_z_stderr), kind)
+
+    @torch.no_grad()
+    def log_z_drift(self, samples: torch.Tensor | None = None) -> float:
+        """How far log Z may have moved since the last estimate (nats).
+
+        The bound: for binary states ``E(z)`` changes by at most ``sum_i |dh_i| + 2
+        sum_{i<j} |dW_ij|`` (each free coupling stands for the pair ``W_ij = W_ji``), and
+        ``log Z`` by at most the largest change of ``E`` over states. It holds for every
+        state and is what an exact log Z is refreshed by.
+
+        With ``samples`` of the current prior (the negative phase) and an AIS log Z, a loose
+        bound (large priors move by more than the tolerance every step in the bound's worst
+        case) is replaced by the importance-sampling estimate of the actual change,
+        ``|log Z(now) - log Z(ref)| = |log E_now[exp(E_now(z) - E_ref(z))]|``, which is cheap
+        and consistent, but an estimate.
+
+        ``inf`` before the first estimate (or after loading a model, whose reference
+        parameters are not saved).
+        """
+        if not self._has_reference or torch.isnan(self.log_z):
+            return math.inf
+        bound = (self.h - self._ref_h).abs().sum()
+        if self.couplings is not None:
+            bound = bound + 2.0 * (self.couplings.reshape(-1) - self._ref_couplings).abs().sum()
+        bound = float(bound)
+        if bound <= self.log_z_tolerance or self.exact or samples is None:
+            return bound
+        z = samples.detach().to(self.h.dtype)
+        delta_energy = self.energy(z) - boltzmann_energy(z, self._ref_h, self._reference_matrix())
+        change = torch.logsumexp(delta_energy, 0) - math.log(delta_energy.shape[0])
+        return min(bound, abs(float(change)))
+
+    def _reference_matrix(self) -> torch.Tensor:
+        """``W`` at the last estimate."""
+        if self.couplings is None:
+            return self.coupling_matrix()
+        return self.coupling_matrix(self._ref_couplings.reshape(self.couplings.shape))
+
+    def needs_refresh(self) -> bool:
+        """Whether :meth:`log_z_drift` exceeds ``log_z_tolerance``."""
+        return self.log_z_drift() > self.log_z_tolerance
+
+    # --------------------------------------------------------------------- KL
+    def kl(
+        self,
+        logits: torch.Tensor,
+        negative_samples: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-cell ``KL(q || p) = -H(q) + E_q[E(z)] + log Z`` for factorial Bernoulli ``q``.
+
+        Parameters
+        ----------
+        logits
+            Logits of ``q``, shape ``(..., n)``.
+        negative_samples
+            Binary samples of the prior ``(S, n)`` (no gradient). The log Z term then carries
+            the gradient ``-mean_s dE(z_s)/dtheta`` (positive minus negative phase) while its
+            value stays the stored estimate. For ``"factorial"`` log Z is exact and
+            differentiable in closed form and the samples are not needed.
+
+        """
+        W = self.coupling_matrix()
+        probs = torch.sigmoid(logits)
+        if self.structure == "factorial":
+            log_z = self.log_partition_exact()
+        else:
+            log_z = self.current_log_z()
+            if negative_samples is not None:
+                surrogate = -self.energy(negative_samples, W).mean()
+                log_z = log_z + (surrogate - surrogate.detach())
+        return -bernoulli_entropy(logits) + self.expected_energy(probs, W) + log_z
+
+    # ---------------------------------------------------------------- samples
+    def sample(
+        self, n_samples: int, burn_in: int = 1_000, seed: int | None = None
+    ) -> torch.Tensor:
+        """Binary samples ``(n_samples, n)`` of the prior from fresh chains.
+
+        Gibbs chains (block updates for an RBM, systematic scans for a dense machine) run for
+        ``burn_in`` sweeps plus one, independent of any training chains; the ``"factorial"``
+        prior is sampled exactly. ``seed`` seeds a private generator (the global torch RNG is
+        used when ``None``).
+        """
+        if n_samples < 1:
+            raise ValueError(f"`n_samples` must be a positive integer, got {n_samples}.")
+        if burn_in < 0:
+            raise ValueError(f"`burn_in` must be >= 0, got {burn_in}.")
+        device, dtype = self.h.device, self.h.dtype
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        with torch.inference_mode(False), torch.no_grad():
+            h, W = self.h.detach(), self.coupling_matrix().detach()
+            shape = (n_samples, self.n_units)
+            if self.structure == "factorial":
+                u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+                return (u < torch.sigmoid(h)).to(dtype)
+            z = torch.rand(shape, generator=generator, device=device, dtype=dtype).round()
+            for _ in range(burn_in + 1):
+                z = gibbs_sweep(z, h, W, self.n_visible, generator=generator)
+            return z
 
     def extra_repr(self) -> str:
         split = f", n_visible={self.n_visible}" if self.n_visible is not None else ""
-        return f"n_units={self.n_units}, structure={self.structure!r}{split}"
+        return (
+            f"n_units={self.n_units}, structure={self.structure!r}{split}, "
+            f"log_partition={self.log_partition_method!r}"
+        )

@@ -15,11 +15,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._energy import boltzmann_energy
 from ._gibbs_kernels import gibbs_sweep
 
-#: Largest number of enumerated units (2**20 states, a few hundred MB at most in chunks).
+#: Largest number of enumerated units (2**20 states, a few hundred MB at most in chunks). The
+#: one limit of exact enumeration in the package; other limits derive from it.
 MAX_EXACT_UNITS = 20
 _CHUNK = 1 << 16
+
+#: AIS settings of routine refreshes of log Z (during training, fresh estimates on request).
+AIS_N_CHAINS = 256
+AIS_N_BETAS = 500
+#: AIS settings of the final, more precise estimate at the end of training.
+AIS_FINAL_N_CHAINS = 1024
+AIS_FINAL_N_BETAS = 1000
 
 
 class LatentTooLargeError(ValueError):
@@ -60,6 +69,34 @@ def n_enumerated_units(n_units: int, n_visible: int | None) -> int:
     return min(n_visible, n_units - n_visible)
 
 
+def split_bipartite(
+    h: torch.Tensor, W: torch.Tensor, n_visible: int
+) -> tuple[slice, slice, torch.Tensor]:
+    """The smaller side of an RBM (to enumerate), the other side, and ``B`` (smaller x other).
+
+    Units ``[0, n_visible)`` form one side, ``[n_visible, n)`` the other; ``W`` couples them
+    only through its off-diagonal block.
+    """
+    n = h.shape[-1]
+    if n_visible <= n - n_visible:
+        side, other = slice(0, n_visible), slice(n_visible, n)
+    else:
+        side, other = slice(n_visible, n), slice(0, n_visible)
+    return side, other, W[side, other]
+
+
+def other_side_fields(
+    states: torch.Tensor, h: torch.Tensor, B: torch.Tensor, other: slice
+) -> torch.Tensor:
+    """Local fields ``a(s) = h_o + 2 s B`` of the summed-out side given enumerated states ``s``.
+
+    Summing the other side out gives ``sum_o exp(a.o) = exp(sum_j softplus(a_j))``: the
+    "enumerate the smaller side, softplus the other" identity used by exact log Z and by the
+    calibration's exact mean energies.
+    """
+    return h[other] + 2.0 * (states @ B)
+
+
 def exact_log_partition(
     h: torch.Tensor, W: torch.Tensor, n_visible: int | None = None
 ) -> torch.Tensor:
@@ -86,14 +123,11 @@ def exact_log_partition(
     for start in range(0, 2**k, _CHUNK):
         s = _cached_chunk(k, h.device, h.dtype, start, min(start + _CHUNK, 2**k))
         if n_visible is None:
-            chunks.append(torch.logsumexp(s @ h + ((s @ W) * s).sum(-1), dim=0))
+            chunks.append(torch.logsumexp(-boltzmann_energy(s, h, W), dim=0))
             continue
         # Enumerate the smaller side, sum the other out: sum_o exp(a.o) = prod softplus terms.
-        if n_visible <= n - n_visible:
-            enum_h, other_h, B = h[:n_visible], h[n_visible:], W[:n_visible, n_visible:]
-        else:
-            enum_h, other_h, B = h[n_visible:], h[:n_visible], W[:n_visible, n_visible:].T
-        free = s @ enum_h + F.softplus(other_h + 2.0 * (s @ B)).sum(-1)
+        side, other, B = split_bipartite(h, W, n_visible)
+        free = s @ h[side] + F.softplus(other_side_fields(s, h, B, other)).sum(-1)
         chunks.append(torch.logsumexp(free, dim=0))
     return torch.logsumexp(torch.stack(chunks), dim=0)
 
@@ -106,8 +140,7 @@ def exact_distribution(h: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, 
             f"Exact distribution over {n} units is too large (limit {MAX_EXACT_UNITS})."
         )
     states = enumerate_states(n, h.device, h.dtype)
-    log_weights = states @ h + ((states @ W) * states).sum(-1)
-    return states, torch.softmax(log_weights, dim=0)
+    return states, torch.softmax(-boltzmann_energy(states, h, W), dim=0)
 
 
 @torch.no_grad()
@@ -116,8 +149,8 @@ def ais_log_partition(
     W: torch.Tensor,
     n_visible: int | None = None,
     *,
-    n_chains: int = 512,
-    n_betas: int = 1000,
+    n_chains: int = AIS_N_CHAINS,
+    n_betas: int = AIS_N_BETAS,
     generator: torch.Generator | None = None,
 ) -> LogPartitionEstimate:
     """Annealed importance sampling estimate of log Z.
@@ -138,8 +171,10 @@ def ais_log_partition(
     uniform = torch.rand(base_logits.shape, generator=generator, device=h.device, dtype=h.dtype)
     z = (uniform < torch.sigmoid(base_logits)).to(h.dtype)
     log_w = torch.zeros(n_chains, device=h.device, dtype=h.dtype)
+    no_fields = torch.zeros_like(h)
     for b_prev, b in zip(betas[:-1].tolist(), betas[1:].tolist(), strict=True):
-        log_w += (b - b_prev) * ((z @ W) * z).sum(-1)
+        # The coupling part of -E(z), the only part the path scales.
+        log_w -= (b - b_prev) * boltzmann_energy(z, no_fields, W)
         z = gibbs_sweep(z, h, W, n_visible, coupling_scale=b, generator=generator)
     log_z0 = F.softplus(h).sum()
     log_mean_w = torch.logsumexp(log_w, 0) - math.log(n_chains)

@@ -1,9 +1,18 @@
 """Samplers of Boltzmann distributions: one interface, pluggable backends."""
 
-from ._base import BoltzmannSampler, SamplerError, SampleSet, validate_problem
+from ._base import (
+    DEFAULT_NUM_READS,
+    BoltzmannSampler,
+    PersistentChainSampler,
+    SamplerError,
+    SamplerUnavailable,
+    SampleSet,
+    validate_problem,
+)
 from ._calibration import CalibratedSampler, estimate_effective_beta
 from ._compare import compare
 from ._dimod import DimodSampler, to_bqm
+from ._errors import SamplerNotInstalled
 from ._gibbs import GibbsSampler
 from ._ising import (
     IsingProblem,
@@ -14,12 +23,13 @@ from ._ising import (
     spins_to_binary,
 )
 from ._kaiwu import KaiwuCIMSampler, KaiwuSASampler
-from ._kaiwu_sdk import KaiwuCredentialsError
+from ._kaiwu_sdk import KaiwuCredentialsError, KaiwuError
 from ._registry import available_samplers, make_sampler, register_sampler
 from ._remote import RemoteSampler, ServiceUnavailable
 from ._tempering import ParallelTemperingSampler
 
 __all__ = [
+    "DEFAULT_NUM_READS",
     "BoltzmannSampler",
     "CalibratedSampler",
     "DimodSampler",
@@ -27,11 +37,15 @@ __all__ = [
     "IsingProblem",
     "KaiwuCIMSampler",
     "KaiwuCredentialsError",
+    "KaiwuError",
     "KaiwuSASampler",
     "ParallelTemperingSampler",
+    "PersistentChainSampler",
     "RemoteSampler",
     "SampleSet",
     "SamplerError",
+    "SamplerNotInstalled",
+    "SamplerUnavailable",
     "ServiceUnavailable",
     "available_samplers",
     "binary_to_spins",

@@ -5,6 +5,13 @@ z'Wz``, ``W`` symmetric with zero diagonal, ``z`` in {0, 1}^n) and a number of r
 returns a :class:`SampleSet`: the binary samples, their energies and timing information.
 Samplers are ``nn.Module``s so that state they keep between calls (persistent chains) is a
 buffer: saved with the model, restored on load and moved with it between devices.
+
+Like dimod's ``Sampler``, every backend declares what it does instead of letting callers
+guess: :attr:`BoltzmannSampler.parameters` (the keyword arguments :meth:`~BoltzmannSampler.
+sample` accepts) and :attr:`BoltzmannSampler.properties` (``"persistent"``: whether it keeps
+chains between calls; ``"num_reads"``: the number of negative samples per training step it
+is built for, or ``None`` when the caller chooses). Persistent chains live in one helper,
+:class:`PersistentChainSampler`, shared by every chain-based backend.
 """
 
 from __future__ import annotations
@@ -18,9 +25,23 @@ from torch import nn
 
 from scqbm.prior import boltzmann_energy
 
+from ._errors import SamplerError, SamplerUnavailable
 
-class SamplerError(RuntimeError):
-    """A sampler failed; the message names the sampler and, during training, the step."""
+__all__ = [
+    "DEFAULT_NUM_READS",
+    "BoltzmannSampler",
+    "PersistentChainSampler",
+    "SampleSet",
+    "SamplerError",
+    "SamplerUnavailable",
+    "check_chain_settings",
+    "reject_unknown",
+    "validate_problem",
+]
+
+
+#: Negative samples per training step when a sampler leaves the number to the caller.
+DEFAULT_NUM_READS = 512
 
 
 @dataclass
@@ -47,8 +68,17 @@ class SampleSet:
         return self.samples.shape[0]
 
 
-def validate_problem(h: torch.Tensor, W: torch.Tensor, n_units: int | None = None) -> None:
-    """Check shapes, symmetry, the zero diagonal and finiteness; raise a clear ``ValueError``."""
+def validate_problem(
+    h: torch.Tensor,
+    W: torch.Tensor,
+    n_units: int | None = None,
+    n_visible: int | None = None,
+) -> None:
+    """Check a Boltzmann problem; raise a clear ``ValueError``.
+
+    Shapes, symmetry, the zero diagonal, finiteness and, with ``n_visible``, that ``W``
+    couples only the two sides of a bipartite (RBM) problem.
+    """
     if h.dim() != 1 or W.shape != (h.shape[0], h.shape[0]):
         raise ValueError(
             f"Expected h of shape (n,) and W of shape (n, n); got {tuple(h.shape)} and "
@@ -65,6 +95,21 @@ def validate_problem(h: torch.Tensor, W: torch.Tensor, n_units: int | None = Non
         raise ValueError("W must be symmetric (E(z) = -h.z - z'Wz uses both W_ij and W_ji).")
     if W.diagonal().abs().max().item() > tol:
         raise ValueError("W must have a zero diagonal (z_i^2 = z_i would double-count fields).")
+    if n_visible is not None:
+        n = h.shape[0]
+        if isinstance(n_visible, bool) or not isinstance(n_visible, int):
+            raise ValueError(f"n_visible must be an integer or None, got {n_visible!r}.")
+        if not 0 < n_visible < n:
+            raise ValueError(f"n_visible must be between 1 and {n - 1}, got {n_visible}.")
+        within = max(
+            W[:n_visible, :n_visible].abs().max().item(),
+            W[n_visible:, n_visible:].abs().max().item(),
+        )
+        if within > 0:
+            raise ValueError(
+                "n_visible is given but W couples units within a side: not a bipartite (RBM) "
+                "problem. Omit n_visible for a dense problem."
+            )
 
 
 def check_chain_settings(sampler: str, num_chains: int, num_sweeps: int, burn_in: int) -> None:
@@ -76,15 +121,40 @@ def check_chain_settings(sampler: str, num_chains: int, num_sweeps: int, burn_in
         )
 
 
+def reject_unknown(what: str, given, accepted) -> None:
+    """Raise a ``TypeError`` naming unknown keyword arguments and the accepted ones."""
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        raise TypeError(f"{what} does not accept {unknown}; accepted: {sorted(accepted)}.")
+
+
 class BoltzmannSampler(nn.Module, ABC):
     """Base class of samplers of Boltzmann distributions over binary vectors.
 
-    Subclasses implement :meth:`_sample`; :meth:`sample` validates the problem, times the call
-    and fills in the energies.
+    Subclasses implement :meth:`_sample`; :meth:`sample` validates the problem and the keyword
+    arguments, times the call and fills in the energies. They declare :attr:`parameters` and
+    :attr:`properties`.
     """
 
     #: Name under which the backend is registered (``QBMVAE(sampler=name)``).
     name: str = ""
+
+    @property
+    def parameters(self) -> dict[str, list]:
+        """Keyword arguments accepted by :meth:`sample` (name -> related properties).
+
+        As in dimod; anything else is rejected with a ``TypeError``.
+        """
+        return {"num_reads": [], "n_visible": []}
+
+    @property
+    def properties(self) -> dict:
+        """What the sampler does, as in dimod.
+
+        ``persistent``: whether it keeps chains across calls; ``num_reads``: the negative
+        samples per training step it is built for (``None``: the caller chooses).
+        """
+        return {"persistent": False, "num_reads": None}
 
     def sample(
         self,
@@ -93,6 +163,7 @@ class BoltzmannSampler(nn.Module, ABC):
         num_reads: int,
         *,
         n_visible: int | None = None,
+        **kwargs,
     ) -> SampleSet:
         """Draw ``num_reads`` samples of ``p(z) ∝ exp(h.z + z'Wz)``.
 
@@ -105,14 +176,20 @@ class BoltzmannSampler(nn.Module, ABC):
         n_visible
             For a bipartite (RBM) problem, the size of the first side; lets backends use block
             updates. ``None`` for a dense problem.
+        **kwargs
+            Backend-specific per-call arguments named in :attr:`parameters`; others are
+            rejected with a ``TypeError``.
 
         """
+        reject_unknown(
+            f"{type(self).__name__}.sample", [*kwargs, "num_reads", "n_visible"], self.parameters
+        )
         h, W = h.detach(), W.detach()
-        validate_problem(h, W)
-        if num_reads < 1:
+        validate_problem(h, W, n_visible=n_visible)
+        if isinstance(num_reads, bool) or int(num_reads) != num_reads or num_reads < 1:
             raise ValueError(f"`num_reads` must be a positive integer, got {num_reads}.")
         start = time.perf_counter()
-        samples, info = self._sample(h, W, int(num_reads), n_visible)
+        samples, info = self._sample(h, W, int(num_reads), n_visible, **kwargs)
         seconds = time.perf_counter() - start
         samples = samples.to(device=h.device, dtype=h.dtype)
         return SampleSet(
@@ -141,3 +218,76 @@ class BoltzmannSampler(nn.Module, ABC):
         self, h: torch.Tensor, W: torch.Tensor, num_reads: int, n_visible: int | None
     ) -> tuple[torch.Tensor, dict]:
         """Return ``(samples, info)``."""
+
+
+class PersistentChainSampler(BoltzmannSampler):
+    """Base of samplers with persistent chains (PCD, Tieleman 2008).
+
+    The one owner of chain state for every chain backend.
+
+    The chains live in the buffer ``state`` of shape ``(*chain_shape, num_chains, n_units)``
+    with the flag ``initialized``. A call for ``num_chains`` reads of a problem of
+    ``n_units`` units continues them by ``num_sweeps`` sweeps (plus ``burn_in`` on first use);
+    any other call runs fresh chains for ``burn_in + num_sweeps`` sweeps and leaves the
+    persistent ones untouched (``info["persistent"]`` says which happened).
+
+    Subclasses implement :meth:`_advance` (run the chains) and call :meth:`_init_chains` in
+    their constructor.
+    """
+
+    def _init_chains(
+        self,
+        n_units: int,
+        num_chains: int,
+        num_sweeps: int,
+        burn_in: int,
+        seed: int | None,
+        persistent: bool,
+        chain_shape: tuple[int, ...] = (),
+    ) -> None:
+        check_chain_settings(type(self).__name__, num_chains, num_sweeps, burn_in)
+        self.n_units = n_units
+        self.num_chains = num_chains
+        self.num_sweeps = num_sweeps
+        self.burn_in = burn_in
+        self.seed = seed
+        self.persistent = bool(persistent)
+        self._chain_shape = tuple(chain_shape)
+        self.register_buffer("state", torch.zeros(*chain_shape, num_chains, n_units))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._generator: torch.Generator | None = None
+
+    @property
+    def properties(self) -> dict:
+        return {"persistent": self.persistent, "num_reads": self.num_chains}
+
+    @abstractmethod
+    def _advance(
+        self, z: torch.Tensor, h, W, n_visible, sweeps: int, generator, persistent: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Run chains ``z`` for ``sweeps``; return ``(new chain state, samples, info)``."""
+
+    def _sample(self, h, W, num_reads, n_visible):
+        generator = self._rng(h.device)
+        n = h.shape[0]
+        persistent = self.persistent and num_reads == self.num_chains and n == self.n_units
+        if persistent:
+            z = self.state.to(h.dtype)
+            sweeps = self.num_sweeps
+            if not bool(self.initialized):
+                z = torch.rand(z.shape, generator=generator, device=h.device, dtype=h.dtype)
+                z, sweeps = z.round(), sweeps + self.burn_in
+        else:
+            shape = (*self._chain_shape, num_reads, n)
+            z = torch.rand(shape, generator=generator, device=h.device, dtype=h.dtype).round()
+            sweeps = self.burn_in + self.num_sweeps
+        z, samples, info = self._advance(z, h, W, n_visible, sweeps, generator, persistent)
+        if persistent:
+            # In place: rebinding a buffer inside inference mode breaks later backward passes.
+            self.state.copy_(z)
+            self.initialized.fill_(True)
+        return samples.clone(), {"persistent": persistent, "sweeps": sweeps, **info}
+
+    def reset(self) -> None:
+        """Forget the persistent chains (they are re-initialised and burnt in on next use)."""
+        self.initialized.fill_(False)

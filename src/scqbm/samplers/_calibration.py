@@ -31,17 +31,26 @@ import itertools
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
-from scqbm.prior import boltzmann_energy, enumerate_states, gibbs_sweep
+from scqbm.prior import (
+    MAX_EXACT_UNITS,
+    boltzmann_energy,
+    enumerate_states,
+    gibbs_sweep,
+    other_side_fields,
+    split_bipartite,
+)
 
 from ._base import BoltzmannSampler
 
-#: Largest number of enumerated units (and states x remaining units) for the exact ``U(beta)``.
-EXACT_ENERGY_UNITS = 16
-_EXACT_ENTRIES = 1 << 24
+#: Largest number of enumerated units for the exact ``U(beta)``: the bisection evaluates it
+#: about 30 times per calibration, so it stays 2**4 times below the one enumeration limit.
+EXACT_ENERGY_UNITS = MAX_EXACT_UNITS - 4
+#: Largest states x remaining units held at once for an RBM's exact ``U(beta)``.
+_EXACT_ENTRIES = 1 << (EXACT_ENERGY_UNITS + 8)
 
 CalibrationMethod = Literal["energy", "pseudolikelihood"]
 
@@ -84,16 +93,13 @@ def _exact_mean_energy(h: torch.Tensor, W: torch.Tensor, n_visible: int | None):
         own = boltzmann_energy(states, h, W)
         fields = states.new_zeros(states.shape[0], 0)
     else:
-        small_first = n_visible <= n - n_visible
-        side = slice(0, n_visible) if small_first else slice(n_visible, n)
-        other = slice(n_visible, n) if small_first else slice(0, n_visible)
-        B = W[side, other]
+        side, other, B = split_bipartite(h, W, n_visible)
         k, m = B.shape
         if k > EXACT_ENERGY_UNITS or (2**k) * m > _EXACT_ENTRIES:
             return None
         states = enumerate_states(k, h.device, h.dtype)
         own = -(states @ h[side])
-        fields = h[other] + 2.0 * (states @ B)
+        fields = other_side_fields(states, h, B, other)
 
     def mean_energy(beta: float) -> float:
         log_weight = -beta * own + torch.nn.functional.softplus(beta * fields).sum(-1)
@@ -209,16 +215,16 @@ class CalibratedSampler(BoltzmannSampler):
     :attr:`MAX_RELATIVE_SE` (a nearly flat prior, as at the start of training) leaves the
     scale unchanged.
 
+    Like a dimod composite, the wrapper takes the child sampler *instance* and declares the
+    child's ``num_reads`` and persistence as its own: a persistent child keeps its chains
+    (every draw, calibration draws included, continues them). By name, ``make_sampler(
+    "calibrated", n, backend="gibbs", backend_kwargs={...})`` builds the child first.
+
     Parameters
     ----------
-    n_units
-        Number of binary units.
     backend
-        Registered name of the wrapped backend (``"dimod"`` by default), or a sampler instance
-        (which does not survive saving the model's constructor arguments).
-    backend_kwargs
-        Keyword arguments of the backend, e.g. ``{"sampler": "simulated_annealing",
-        "beta_range": (0.1, 3.0), "num_sweeps": 1000}``.
+        The wrapped sampler instance (``make_sampler("calibrated", ...)`` builds it from a
+        registered name and ``backend_kwargs``, ``"dimod"`` by default).
     method
         Estimator of ``b``: ``"energy"`` or ``"pseudolikelihood"`` (see
         :func:`estimate_effective_beta`).
@@ -249,9 +255,8 @@ class CalibratedSampler(BoltzmannSampler):
 
     def __init__(
         self,
-        n_units: int,
-        backend: str | BoltzmannSampler = "dimod",
-        backend_kwargs: dict[str, Any] | None = None,
+        backend: BoltzmannSampler,
+        *,
         method: CalibrationMethod = "energy",
         calibrate_every: int = 100,
         max_iter: int = 5,
@@ -269,14 +274,15 @@ class CalibratedSampler(BoltzmannSampler):
                 "CalibratedSampler needs calibrate_every >= 0, max_iter >= 1 and tol > 0; got "
                 f"{calibrate_every}, {max_iter}, {tol}."
             )
-        if isinstance(backend, str):
-            # Imported here: the registry itself registers this class.
-            from ._registry import make_sampler
-
-            if backend == self.name:
-                raise ValueError("A calibrated sampler cannot wrap another calibrated sampler.")
-            backend = make_sampler(backend, n_units, **(backend_kwargs or {}))
-        self.n_units = n_units
+        if not isinstance(backend, BoltzmannSampler):
+            raise TypeError(
+                "CalibratedSampler wraps a sampler instance (a BoltzmannSampler), got "
+                f"{type(backend).__name__}; by name use make_sampler('calibrated', n, "
+                "backend=NAME, backend_kwargs={...})."
+            )
+        if isinstance(backend, CalibratedSampler):
+            raise ValueError("A calibrated sampler cannot wrap another calibrated sampler.")
+        self.n_units = getattr(backend, "n_units", None)
         self.backend = backend
         self.method = method
         self.calibrate_every = calibrate_every
@@ -288,6 +294,12 @@ class CalibratedSampler(BoltzmannSampler):
         self.seed = seed
         self.register_buffer("scale", torch.ones((), dtype=torch.float64))
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    @property
+    def properties(self) -> dict:
+        # Declared honestly from the child: the wrapper neither adds nor drops persistence.
+        child = self.backend.properties
+        return {**child, "child": child}
 
     def estimate(self, samples, h, W, n_visible) -> float:
         """Inverse temperature of ``samples`` with respect to ``(h, W)``."""

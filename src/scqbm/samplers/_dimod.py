@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ._base import BoltzmannSampler, SamplerError
+from ._errors import SamplerNotInstalled
 
 _INSTALL_HINT = "pip install 'scqbm[dimod]'"
 
@@ -29,7 +30,7 @@ def import_dimod():
     try:
         return importlib.import_module("dimod")
     except ImportError as err:
-        raise ImportError(
+        raise SamplerNotInstalled(
             f"The 'dimod' sampler backend needs dimod and dwave-samplers: {_INSTALL_HINT}"
         ) from err
 
@@ -45,7 +46,7 @@ def _resolve(sampler: str | Any):
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ImportError(
+        raise SamplerNotInstalled(
             f"The dimod sampler {sampler!r} needs the module {module_name!r}: {_INSTALL_HINT}"
         ) from err
     try:
@@ -90,6 +91,9 @@ class DimodSampler(BoltzmannSampler):
         ``"tree_decomposition"``), an importable ``"module:Class"`` path of a dimod sampler, or
         a sampler instance. Names keep the model's ``sampler_kwargs`` picklable; an instance
         does not survive saving the model.
+    num_reads
+        Reads per training step (``properties["num_reads"]``); ``None`` leaves the number to
+        the caller (the model then uses its ``num_negative_samples``).
     seed
         Seed of the per-call seeds passed to samplers that accept one (successive calls get
         different seeds, so training steps do not reuse random numbers).
@@ -117,6 +121,7 @@ class DimodSampler(BoltzmannSampler):
         self,
         n_units: int,
         sampler: str | Any = "simulated_annealing",
+        num_reads: int | None = None,
         seed: int | None = None,
         **sample_kwargs,
     ):
@@ -126,15 +131,21 @@ class DimodSampler(BoltzmannSampler):
                 f"Unknown dimod sampler {sampler!r}: use one of {sorted(NAMED_DIMOD_SAMPLERS)}, "
                 "a 'module:Class' path or a dimod sampler instance."
             )
-        if "num_reads" in sample_kwargs:
-            raise TypeError("`num_reads` is given per call, not as a sampler keyword argument.")
+        if num_reads is not None and (isinstance(num_reads, bool) or int(num_reads) < 1):
+            raise ValueError(f"`num_reads` must be a positive integer or None, got {num_reads}.")
         self.n_units = n_units
+        self.num_reads = None if num_reads is None else int(num_reads)
         self.sampler_spec = sampler
         self.seed = seed
         self.sample_kwargs = dict(sample_kwargs)
         # Resolved on first use: importing dimod is optional and must not happen on load.
         self._sampler = None
         self._seeds = np.random.default_rng(seed)
+
+    @property
+    def properties(self) -> dict:
+        # Annealers start every read afresh: there are no chains to keep.
+        return {"persistent": False, "num_reads": self.num_reads}
 
     @property
     def dimod_sampler(self):

@@ -52,8 +52,12 @@ class _KaiwuSampler(BoltzmannSampler):
         precision_scale: float | None,
         max_spins: int | None,
         max_solves: int,
+        num_reads: int | None,
     ):
         super().__init__()
+        if num_reads is not None and (isinstance(num_reads, bool) or int(num_reads) < 1):
+            raise ValueError(f"`num_reads` must be a positive integer or None, got {num_reads}.")
+        self.num_reads = None if num_reads is None else int(num_reads)
         if max_solves < 1:
             raise ValueError(f"`max_solves` must be at least 1, got {max_solves}.")
         self.n_units = n_units
@@ -65,6 +69,11 @@ class _KaiwuSampler(BoltzmannSampler):
         self.max_spins = max_spins
         self.max_solves = max_solves
         self._licensed = False
+
+    @property
+    def properties(self) -> dict:
+        # Every solve anneals from scratch: no chains are kept between calls.
+        return {"persistent": False, "num_reads": self.num_reads}
 
     def prepare(self, h: torch.Tensor, W: torch.Tensor) -> tuple[np.ndarray, float, IsingProblem]:
         """The Ising matrix sent to the SDK, its precision scale and the exact Ising problem.
@@ -160,6 +169,8 @@ class KaiwuSASampler(_KaiwuSampler):
         Largest Ising problem accepted (``None``: no limit).
     max_solves
         Most anneals per call.
+    num_reads
+        Reads per training step (``properties["num_reads"]``); ``None``: the caller chooses.
 
     """
 
@@ -181,6 +192,7 @@ class KaiwuSASampler(_KaiwuSampler):
         precision_scale: float | None = None,
         max_spins: int | None = None,
         max_solves: int = 1000,
+        num_reads: int | None = None,
     ):
         super().__init__(
             n_units,
@@ -190,6 +202,7 @@ class KaiwuSASampler(_KaiwuSampler):
             precision_scale=precision_scale,
             max_spins=max_spins,
             max_solves=max_solves,
+            num_reads=num_reads,
         )
         if reads_per_solve < 1:
             raise ValueError(f"`reads_per_solve` must be at least 1, got {reads_per_solve}.")
@@ -249,6 +262,8 @@ class KaiwuCIMSampler(_KaiwuSampler):
         Spin capacity of the machine.
     max_solves
         Most tasks per call.
+    num_reads
+        Reads per training step (``properties["num_reads"]``); ``None``: the caller chooses.
 
     """
 
@@ -270,6 +285,7 @@ class KaiwuCIMSampler(_KaiwuSampler):
         precision_scale: float | None = None,
         max_spins: int = CIM_MAX_SPINS,
         max_solves: int = 100,
+        num_reads: int | None = None,
     ):
         super().__init__(
             n_units,
@@ -279,6 +295,7 @@ class KaiwuCIMSampler(_KaiwuSampler):
             precision_scale=precision_scale,
             max_spins=max_spins,
             max_solves=max_solves,
+            num_reads=num_reads,
         )
         if task_mode not in ("sampling", "optimization"):
             raise ValueError(

@@ -18,6 +18,20 @@ import sys
 
 import numpy as np
 
+try:
+    from ._errors import SamplerError, SamplerNotInstalled, SamplerUnavailable
+except ImportError:  # loaded by file path on a bare kaiwu host, outside the package
+
+    class SamplerError(RuntimeError):
+        """A sampler failed (stand-alone copy of :class:`scqbm.samplers.SamplerError`)."""
+
+    class SamplerUnavailable(SamplerError):
+        """A backend cannot run here (stand-alone copy)."""
+
+    class SamplerNotInstalled(SamplerUnavailable, ImportError):
+        """A backend's optional package is not installed (stand-alone copy)."""
+
+
 USER_ID_ENV = "SCQBM_KAIWU_USER_ID"
 SDK_CODE_ENV = "SCQBM_KAIWU_SDK_CODE"
 
@@ -29,8 +43,12 @@ INSTALL_HINT = (
 )
 
 
-class KaiwuCredentialsError(RuntimeError):
+class KaiwuCredentialsError(SamplerUnavailable):
     """No kaiwu licence credentials, or the SDK refused them."""
+
+
+class KaiwuError(SamplerError):
+    """A kaiwu optimizer call failed or returned something unusable."""
 
 
 def import_kaiwu():
@@ -39,7 +57,7 @@ def import_kaiwu():
         return importlib.import_module("kaiwu")
     except ImportError as err:
         python = ".".join(map(str, sys.version_info[:2]))
-        raise ImportError(f"{INSTALL_HINT} This is Python {python}.") from err
+        raise SamplerNotInstalled(f"{INSTALL_HINT} This is Python {python}.") from err
 
 
 def resolve_credentials(user_id: str | None, sdk_code: str | None) -> tuple[str, str]:
@@ -95,17 +113,17 @@ def run_optimizer(optimizer, ising_matrix: np.ndarray) -> np.ndarray:
         with no_stdin():
             solutions = optimizer.solve(ising_matrix)
     except Exception as err:
-        raise RuntimeError(
+        raise KaiwuError(
             f"kaiwu {type(optimizer).__name__}.solve failed: {_explain(err)}"
         ) from err
     if solutions is None:
-        raise RuntimeError(
+        raise KaiwuError(
             f"kaiwu {type(optimizer).__name__}.solve returned no solutions (a CIM task that "
             "is not finished: use wait=True)."
         )
     solutions = np.atleast_2d(np.asarray(solutions))
     if solutions.shape[-1] != ising_matrix.shape[0]:
-        raise RuntimeError(
+        raise KaiwuError(
             f"kaiwu returned solutions of shape {solutions.shape} for an Ising matrix of "
             f"{ising_matrix.shape[0]} spins."
         )

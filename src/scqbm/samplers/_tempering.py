@@ -9,7 +9,7 @@ import torch
 
 from scqbm.prior import boltzmann_energy, gibbs_sweep
 
-from ._base import BoltzmannSampler, check_chain_settings
+from ._base import PersistentChainSampler
 
 
 def swap_log_acceptance(
@@ -89,7 +89,7 @@ def geometric_ladder(num_temps: int, beta_min: float) -> list[float]:
     return [math.exp(k * ratio) for k in range(num_temps)]
 
 
-class ParallelTemperingSampler(BoltzmannSampler):
+class ParallelTemperingSampler(PersistentChainSampler):
     """Replica exchange over a ladder of inverse temperatures, returning the ``beta = 1`` replicas.
 
     Every round performs one Gibbs sweep of every replica at its own temperature (the shared
@@ -149,7 +149,6 @@ class ParallelTemperingSampler(BoltzmannSampler):
         persistent: bool = True,
     ):
         super().__init__()
-        check_chain_settings("ParallelTemperingSampler", num_chains, num_sweeps, burn_in)
         if betas is None:
             if num_temps < 1 or not 0.0 < beta_min < 1.0:
                 raise ValueError(
@@ -165,19 +164,13 @@ class ParallelTemperingSampler(BoltzmannSampler):
                     "`betas` must be distinct inverse temperatures in (0, 1] including the "
                     f"target beta = 1; got {list(betas)}."
                 )
-        self.n_units = n_units
-        self.num_chains = num_chains
         self.num_temps = len(ladder)
-        self.num_sweeps = num_sweeps
-        self.burn_in = burn_in
-        self.seed = seed
-        self.persistent = persistent
         self.register_buffer("betas", torch.tensor(ladder))
-        self.register_buffer("state", torch.zeros(self.num_temps, num_chains, n_units))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._init_chains(
+            n_units, num_chains, num_sweeps, burn_in, seed, persistent, (self.num_temps,)
+        )
         # Parity of the next exchange round, kept so a reloaded sampler continues the scheme.
         self.register_buffer("rounds", torch.zeros((), dtype=torch.long))
-        self._generator: torch.Generator | None = None
 
     def _run(self, z, h, W, n_visible, rounds, generator):
         """``rounds`` sweeps-and-exchanges of replicas ``z`` ``(n_temps, n_chains, n)``."""
@@ -207,38 +200,16 @@ class ParallelTemperingSampler(BoltzmannSampler):
         rates = torch.where(attempts > 0, accepted / attempts.clamp(min=1), float("nan"))
         return z, parity, rates.tolist()
 
-    def _sample(self, h, W, num_reads, n_visible):
-        generator = self._rng(h.device)
-        n = h.shape[0]
-        persistent = self.persistent and num_reads == self.num_chains and n == self.n_units
+    def _advance(self, z, h, W, n_visible, sweeps, generator, persistent):
+        z, parity, rates = self._run(z, h, W, n_visible, sweeps, generator)
         if persistent:
-            z = self.state.to(h.dtype)
-            rounds = self.num_sweeps
-            if not bool(self.initialized):
-                z = torch.rand(z.shape, generator=generator, device=h.device, dtype=h.dtype)
-                z, rounds = z.round(), rounds + self.burn_in
-        else:
-            shape = (self.num_temps, num_reads, n)
-            z = torch.rand(shape, generator=generator, device=h.device, dtype=h.dtype).round()
-            rounds = self.burn_in + self.num_sweeps
-        z, parity, rates = self._run(z, h, W, n_visible, rounds, generator)
-        if persistent:
-            # In place: rebinding a buffer inside inference mode breaks later backward passes.
-            self.state.copy_(z)
-            self.initialized.fill_(True)
             self.rounds.fill_(parity)
         info = {
-            "persistent": persistent,
-            "sweeps": rounds,
-            "spin_updates": rounds * self.num_temps * num_reads * n,
+            "spin_updates": sweeps * self.num_temps * z.shape[1] * z.shape[2],
             "betas": self.betas.tolist(),
             "swap_acceptance": rates,
         }
-        return z[0].clone(), info
-
-    def reset(self) -> None:
-        """Forget the persistent replicas (re-initialised and burnt in on next use)."""
-        self.initialized.fill_(False)
+        return z, z[0], info
 
     def extra_repr(self) -> str:
         return (

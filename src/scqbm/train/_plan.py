@@ -11,14 +11,24 @@ from scqbm.samplers import SamplerError
 
 logger = logging.getLogger(__name__)
 
+#: Fraction of saturated posterior probabilities on a batch above which training warns.
+SATURATION_WARNING = 0.99
+
 
 class QBMTrainingPlan(TrainingPlan):
     """Training plan for :class:`~scqbm.module.QBMVAEModule`.
 
     On every training step, before the forward pass, it draws negative-phase samples of the
-    prior outside autograd and hands them to the module's loss; it keeps the stored value of
-    log Z current (see ``log_partition_every_n_steps``; never more than once per optimizer
-    step); and it gives the prior its own learning rate and weight decay.
+    prior outside autograd and hands them to the module's loss; it decides when the prior
+    re-estimates log Z (the one schedule: see :meth:`_keep_log_z_current`; never more than
+    once per optimizer step); and it gives the prior its own learning rate and weight decay.
+
+    Log Z is refreshed whenever the prior's drift since the last estimate
+    (:meth:`~scqbm.prior.BoltzmannPrior.log_z_drift`) exceeds its ``log_z_tolerance``, so the
+    logged ELBOs stay within that tolerance of a fresh estimate: for exact log Z by a bound
+    that holds for every state, for AIS by the importance-sampling estimate of the change
+    from the step's negative samples when the bound is loose. It is also refreshed before each
+    validation pass if needed and, with the final (more precise) AIS settings, at the end.
 
     Parameters
     ----------
@@ -29,9 +39,8 @@ class QBMTrainingPlan(TrainingPlan):
     weight_decay_prior
         Weight decay (L2) of the prior's parameters; keeps couplings, hence sampling, tame.
     log_partition_every_n_steps
-        Refresh period of log Z in optimizer steps; ``None``: every 10 steps when log Z is
-        exact (a few ms each for 2**16 states), else once per epoch (AIS). It is also refreshed
-        before each validation pass and, more precisely, at the end of training.
+        Additional fixed refresh period of log Z in optimizer steps; ``None``: every 10 steps
+        when log Z is exact (a few ms each for 2**16 states), else none beyond the drift rule.
     **kwargs
         :class:`~scvi.train.TrainingPlan` arguments (``lr``, ``n_epochs_kl_warmup``, ...).
 
@@ -53,36 +62,54 @@ class QBMTrainingPlan(TrainingPlan):
             log_partition_every_n_steps = 10 if module.exact_log_partition else 0
         self.log_partition_every_n_steps = log_partition_every_n_steps
         self._log_z_step = -1  # global step at which log Z was last computed
+        self._log_z_refreshes = 0
+        self._warned: set[str] = set()
         self._reset_sampler_stats()
 
     # ------------------------------------------------------------------ log Z
-    def _refresh_log_z(self) -> None:
-        if self._log_z_step == self.global_step:
+    def _refresh_log_z(self, final: bool = False) -> None:
+        if self._log_z_step == self.global_step and not final:
             return
-        with torch.inference_mode(False), torch.no_grad():
-            self.module.refresh_log_partition()
+        self.module.prior.refresh(final=final)
         self._log_z_step = self.global_step
+        self._log_z_refreshes += 1
 
-    def on_train_epoch_start(self) -> None:
-        self._refresh_log_z()
+    def _keep_log_z_current(self, negative_samples: torch.Tensor | None = None) -> None:
+        """The one refresh schedule: drift beyond tolerance, or the fixed period."""
+        prior = self.module.prior
+        every = self.log_partition_every_n_steps
+        periodic = bool(every) and self.global_step % every == 0
+        if periodic or prior.log_z_drift(negative_samples) > prior.log_z_tolerance:
+            self._refresh_log_z()
+
+    def on_train_start(self) -> None:
+        self._warned = set()
+        self._log_z_refreshes = 0
+        properties = self.module.sampler.properties
+        if self.module.prior.needs_negative_phase and not properties["persistent"]:
+            self._warn_once(
+                "fresh",
+                f"Sampler {self.module.sampler_name!r} keeps no chains between training steps "
+                "(properties['persistent'] is False): every negative phase starts afresh.",
+            )
 
     def on_validation_epoch_start(self) -> None:
-        self._refresh_log_z()
+        self._keep_log_z_current()
 
     def on_train_end(self) -> None:
         # The final estimate is what query methods report: spend more on it.
-        with torch.inference_mode(False), torch.no_grad():
-            if self.module.exact_log_partition:
-                self.module.refresh_log_partition()
-            else:
-                self.module.refresh_log_partition(n_chains=1024, n_betas=1000)
+        self._refresh_log_z(final=True)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        warned = getattr(self, "_warned", set())
+        if key not in warned:
+            logger.warning(message)
+            warned.add(key)
+            self._warned = warned
 
     # ---------------------------------------------------------- training step
     def training_step(self, batch, batch_idx):
         """Draw negative samples, keep log Z current, then scvi's training step."""
-        every = self.log_partition_every_n_steps
-        if every and self.global_step % every == 0:
-            self._refresh_log_z()
         try:
             sample_set = self.module.sample_negative_phase()
         except Exception as err:  # re-raised with context, never swallowed
@@ -90,13 +117,32 @@ class QBMTrainingPlan(TrainingPlan):
                 f"Sampler {self.module.sampler_name!r} failed at training step "
                 f"{self.global_step} (epoch {self.current_epoch}): {type(err).__name__}: {err}"
             ) from err
-        self.loss_kwargs["negative_samples"] = sample_set.samples
-        self._log_sampler_info(sample_set.info)
+        samples = None if sample_set is None else sample_set.samples
+        self._keep_log_z_current(samples)
+        if sample_set is not None:
+            self.loss_kwargs["negative_samples"] = samples
+            self._log_sampler_info(sample_set.info)
+            claimed = self.module.sampler.properties["persistent"]
+            if claimed and sample_set.info.get("persistent") is False:
+                self._warn_once(
+                    "lost",
+                    f"Sampler {self.module.sampler_name!r} declares persistent chains but ran "
+                    f"fresh chains at step {self.global_step} (reads or units do not match its "
+                    "chains).",
+                )
         try:
             return super().training_step(batch, batch_idx)
         finally:
             # Validation and query-time losses must not see stale training samples.
             self.loss_kwargs.pop("negative_samples", None)
+            saturation = self.module.last_saturation
+            if saturation > SATURATION_WARNING:
+                self._warn_once(
+                    "saturation",
+                    f"The latent saturates: {100 * saturation:.1f}% of posterior probabilities "
+                    f"on training batch {batch_idx} (epoch {self.current_epoch}) lie beyond "
+                    "0.01/0.99; consider a smaller learning rate or a longer KL warm-up.",
+                )
 
     def _reset_sampler_stats(self) -> None:
         self._sampler_seconds = 0.0
@@ -128,8 +174,10 @@ class QBMTrainingPlan(TrainingPlan):
                 sum(self._sampler_betas) / len(self._sampler_betas),
                 **log,
             )
-        self.log("log_z", float(self.module.log_z), **log)
-        self.log("log_z_stderr", float(self.module.log_z_stderr), **log)
+        self.log("log_z", float(self.module.prior.log_z), **log)
+        self.log("log_z_stderr", float(self.module.prior.log_z_stderr), **log)
+        self.log("log_z_refreshes", float(self._log_z_refreshes), **log)
+        self._log_z_refreshes = 0
         self._reset_sampler_stats()
 
     # -------------------------------------------------------------- optimizer
