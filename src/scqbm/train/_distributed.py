@@ -98,3 +98,19 @@ def pooled_estimate(estimate: LogPartitionEstimate, device: torch.device) -> Log
 def chains_per_rank(n_chains: int) -> int:
     """AIS chains each rank runs so that the ranks together run about ``n_chains``."""
     return max(1, math.ceil(n_chains / world()[1]))
+
+
+def refresh_log_z(prior, final: bool = False) -> LogPartitionEstimate:
+    """``prior.refresh(final)``, with AIS split over the ranks and pooled under DDP.
+
+    Every rank must call it (a collective when distributed and log Z is not exact).
+    """
+    if world()[1] == 1 or prior.exact:
+        return prior.refresh(final=final)
+    settings = prior.final_ais_kwargs if final else prior.ais_kwargs
+    estimate = prior.refresh(final=final, n_chains=chains_per_rank(settings["n_chains"]))
+    pooled = pooled_estimate(estimate, prior.log_z.device)
+    with torch.inference_mode(False), torch.no_grad():
+        prior.log_z.fill_(pooled.value)
+        prior.log_z_stderr.fill_(pooled.stderr)
+    return pooled
