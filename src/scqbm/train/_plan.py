@@ -9,6 +9,8 @@ from scvi.train import TrainingPlan
 
 from scqbm.samplers import SamplerError
 
+from ._distributed import any_rank, decorrelate_ranks, keep_chains_local, refresh_log_z, world
+
 logger = logging.getLogger(__name__)
 
 #: Fraction of saturated posterior probabilities on a batch above which training warns.
@@ -70,7 +72,7 @@ class QBMTrainingPlan(TrainingPlan):
     def _refresh_log_z(self, final: bool = False) -> None:
         if self._log_z_step == self.global_step and not final:
             return
-        self.module.prior.refresh(final=final)
+        refresh_log_z(self.module.prior, final=final)  # pooled over ranks under DDP
         self._log_z_step = self.global_step
         self._log_z_refreshes += 1
 
@@ -79,8 +81,17 @@ class QBMTrainingPlan(TrainingPlan):
         prior = self.module.prior
         every = self.log_partition_every_n_steps
         periodic = bool(every) and self.global_step % every == 0
-        if periodic or prior.log_z_drift(negative_samples) > prior.log_z_tolerance:
+        due = periodic or prior.log_z_drift(negative_samples) > prior.log_z_tolerance
+        if any_rank(due, prior.log_z.device):  # under DDP all ranks refresh together
             self._refresh_log_z()
+
+    def setup(self, stage: str | None = None) -> None:
+        # Before DDP wraps the plan: each rank keeps its own chains, not rank 0's.
+        if world()[1] > 1:
+            keep_chains_local(self)
+
+    def on_fit_start(self) -> None:
+        decorrelate_ranks(self.module.sampler, world()[0])
 
     def on_train_start(self) -> None:
         self._warned = set()
@@ -166,13 +177,16 @@ class QBMTrainingPlan(TrainingPlan):
         error) that the epoch's ELBOs used.
         """
         log = {"on_step": False, "on_epoch": True}
-        self.log("sampler_seconds", self._sampler_seconds, **log)
-        self.log("sampler_fallbacks", float(self._sampler_fallbacks), **log)
+        # Under DDP: summed over ranks (no-ops in one process).
+        summed = {**log, "sync_dist": True, "reduce_fx": "sum"}
+        self.log("sampler_seconds", self._sampler_seconds, **summed)
+        self.log("sampler_fallbacks", float(self._sampler_fallbacks), **summed)
         if self._sampler_betas:
             self.log(
                 "sampler_effective_beta",
                 sum(self._sampler_betas) / len(self._sampler_betas),
                 **log,
+                sync_dist=True,
             )
         self.log("log_z", float(self.module.prior.log_z), **log)
         self.log("log_z_stderr", float(self.module.prior.log_z_stderr), **log)
