@@ -16,7 +16,7 @@ from ._ising import (
 from ._kaiwu import KaiwuCIMSampler, KaiwuSASampler
 from ._kaiwu_sdk import KaiwuCredentialsError
 from ._registry import available_samplers, make_sampler, register_sampler
-from ._remote import RemoteSampler, ServiceUnavailable
+from ._remote import RemoteSampler, ServiceConfigurationError, ServiceUnavailable
 from ._tempering import ParallelTemperingSampler
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "RemoteSampler",
     "SampleSet",
     "SamplerError",
+    "ServiceConfigurationError",
     "ServiceUnavailable",
     "available_samplers",
     "binary_to_spins",
