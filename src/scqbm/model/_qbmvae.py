@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -32,6 +33,8 @@ from scvi.module._constants import MODULE_KEYS
 from scvi.utils import setup_anndata_dsp
 
 from scqbm._validation import InvalidInputError, check_counts, check_expression, check_obs_keys
+from scqbm.model import _integrity
+from scqbm.model._train_guard import restore_on_failure
 from scqbm.module import QBMVAEModule
 from scqbm.nn import make_relaxation
 from scqbm.prior import LogPartitionEstimate
@@ -251,6 +254,16 @@ class QBMVAE(
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
+
+    def train(self, *args, **kwargs):
+        """Train as :meth:`scvi.model.SCVI.train` does (same arguments).
+
+        If training raises (for example a sampler failure under ``on_failure="raise"``),
+        the weights, persistent chains and log Z are restored to their state before the
+        call, ``history`` keeps what was logged, and the error says so.
+        """
+        with restore_on_failure(self, kwargs):
+            return super().train(*args, **kwargs)
 
     # ---------------------------------------------------------------- queries
     def _posterior_outputs(
@@ -561,23 +574,72 @@ class QBMVAE(
         )
 
     @staticmethod
-    def _saved_var_names(dir_path: str, prefix: str | None):
-        import os
+    def _saved_var_names(dir_path: str, prefix: str | None, allow_unverified: bool = False):
+        model = _integrity.load_checked(dir_path, prefix, allow_unverified)
+        if model is None:  # unverified, as the caller allowed: scvi-tools' own reader
+            from scvi.model.base._save_load import _load_saved_files
 
-        path = os.path.join(dir_path, f"{prefix or ''}model.pt")
-        return torch.load(path, map_location="cpu", weights_only=False)["var_names"]
+            return _load_saved_files(dir_path, False, prefix=prefix, map_location="cpu")[1]
+        return model["var_names"]
+
+    def save(self, dir_path: str, prefix: str | None = None, **kwargs) -> str:
+        """Save the model as scvi-tools does, plus a manifest with the files' SHA-256 digests.
+
+        Secrets in the constructor arguments (a ``token`` or other credential in
+        ``sampler_kwargs``) are left out with a logged note. See
+        :meth:`scvi.model.base.BaseModelClass.save` for the arguments.
+
+        Returns
+        -------
+        The SHA-256 of the manifest; pass it to :meth:`load` as ``expected_sha256`` to check
+        that a copy is the model saved here.
+
+        """
+        with _integrity.saving_safely(self):
+            super().save(dir_path, prefix=prefix, **kwargs)
+        digest = _integrity.write_manifest(dir_path, prefix)
+        logger.info("Saved %s (manifest SHA-256 %s).", dir_path, digest)
+        return digest
 
     @classmethod
     def load(
-        cls, dir_path: str, adata: AnnData | None = None, prefix: str | None = None, **kwargs
+        cls,
+        dir_path: str,
+        adata: AnnData | None = None,
+        prefix: str | None = None,
+        allow_unverified: bool = False,
+        expected_sha256: str | None = None,
+        **kwargs,
     ):
-        """Load a saved model; with ``adata``, its genes must match the model's exactly.
+        """Load a saved model after checking its files; with ``adata``, genes must match.
 
-        See :meth:`scvi.model.base.BaseModelClass.load` for the other arguments.
+        The files are compared with the manifest written by :meth:`save` before anything is
+        unpickled, and ``model.pt`` is read with ``torch.load(weights_only=True)``; a changed
+        or corrupted file raises :class:`~scqbm.model.ModelIntegrityError`.
+
+        Parameters
+        ----------
+        dir_path, adata, prefix
+            As in :meth:`scvi.model.base.BaseModelClass.load`.
+        allow_unverified
+            Load a directory without a manifest (saved by scvi-tools or an older scqbm)
+            through scvi-tools' loader, which unpickles with ``weights_only=False``: only
+            for files from a trusted source.
+        expected_sha256
+            The digest :meth:`save` returned: also checks that the manifest is that one.
+        **kwargs
+            Other arguments of :meth:`scvi.model.base.BaseModelClass.load`.
+
         """
+        model = _integrity.load_checked(dir_path, prefix, allow_unverified, expected_sha256)
+        if model is None:
+            if adata is not None:
+                cls._check_genes(cls._saved_var_names(dir_path, prefix, True), adata, "load")
+            return super().load(dir_path, adata=adata, prefix=prefix, **kwargs)
         if adata is not None:
-            cls._check_genes(cls._saved_var_names(dir_path, prefix), adata, "QBMVAE.load")
-        return super().load(dir_path, adata=adata, prefix=prefix, **kwargs)
+            cls._check_genes(model["var_names"], adata, "QBMVAE.load")
+        with _integrity.scvi_loads_from(model, dir_path, prefix):
+            return super().load(dir_path, adata=adata, prefix=prefix, **kwargs)
 
     @classmethod
     def load_query_data(cls, adata: AnnData | None = None, reference_model=None, *args, **kwargs):
@@ -594,8 +656,12 @@ class QBMVAE(
         ):
             saved = (
                 cls._saved_var_names(reference_model, None)
-                if isinstance(reference_model, str)
+                if isinstance(reference_model, str | os.PathLike)
                 else reference_model.adata.var_names
             )
             cls._check_genes(saved, adata, "QBMVAE.load_query_data")
+        if isinstance(reference_model, str | os.PathLike):
+            model = _integrity.load_checked(reference_model, None, False)
+            with _integrity.scvi_loads_from(model, reference_model, None):
+                return super().load_query_data(adata, reference_model, *args, **kwargs)
         return super().load_query_data(adata, reference_model, *args, **kwargs)
