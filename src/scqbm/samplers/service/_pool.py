@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 #: Work per chunk in the scheduling cost model (about 0.1 s of dense Gibbs on one core).
 CHUNK_COST = 4e8
+#: Fixed cost of one sweep of a chunk, whatever its reads (kernel call, validation): on a
+#: 10-unit problem one read per chunk made a sweep ~200x dearer than its arithmetic.
+SWEEP_OVERHEAD = 5e5
 
 
 class QueueFull(Exception):
@@ -50,6 +53,12 @@ def read_cost(n_units: int, sweeps: int) -> float:
     64 units cost 5x less per read than 256, not 16x).
     """
     return float(sweeps) * n_units * (n_units + 64)
+
+
+def chunk_reads(n_units: int, sweeps: int, chunk_cost: float) -> int:
+    """Reads per chunk so that a chunk, its per-sweep overhead included, costs ``chunk_cost``."""
+    per_sweep = chunk_cost / sweeps - SWEEP_OVERHEAD
+    return max(1, int(per_sweep // (n_units * (n_units + 64))))
 
 
 @dataclass(eq=False)
@@ -128,7 +137,7 @@ class SamplingPool:
     def submit(self, h, W, num_reads: int, n_visible, sweeps: int, deadline: float) -> Job:
         """Queue a job; raises :class:`QueueFull` when ``max_queue`` jobs are admitted."""
         cost = read_cost(h.shape[0], sweeps)
-        chunk = max(1, int(self.chunk_cost // cost)) if self.chunkable else num_reads
+        chunk = chunk_reads(h.shape[0], sweeps, self.chunk_cost) if self.chunkable else num_reads
         job = Job(h, W, num_reads, n_visible, cost, min(chunk, num_reads), deadline)
         with self._cond:
             if len(self._jobs) >= self.max_queue:

@@ -26,6 +26,12 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between two log lines about failed accept() calls.
 ACCEPT_LOG_INTERVAL = 60.0
+#: Connections asyncio accepts in one go before ``connection_made`` runs for any of them
+#: (its accept loop takes up to ``backlog``): small, so the connection cap can make room
+#: before the file limit is hit. Inside the FD reserve of ``ServiceLimits``.
+ACCEPT_BATCH = 16
+#: The kernel's queue of connections waiting to be accepted.
+LISTEN_BACKLOG = 2048
 
 
 class _Connections:
@@ -168,11 +174,17 @@ def make_server(app, limits: ServiceLimits, **config_kwargs):
         async def startup(self, sockets=None) -> None:
             asyncio.get_running_loop().set_exception_handler(_AcceptErrorFilter())
             await super().startup(sockets)
+            # asyncio listens with its accept batch as backlog; the kernel may queue more.
+            for server in self.servers:
+                for sock in server.sockets:
+                    with sock.dup() as listener:
+                        listener.listen(LISTEN_BACKLOG)
 
     config = uvicorn.Config(
         app,
         http=guarded_protocol(limits),
         timeout_keep_alive=limits.keep_alive_timeout,
+        backlog=ACCEPT_BATCH,
         **config_kwargs,
     )
     return _Server(config)
