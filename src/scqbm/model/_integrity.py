@@ -84,8 +84,7 @@ def history_to_plain(history: dict) -> dict:
             plain[key] = frame
             continue
         try:
-            values = np.asarray(frame.to_numpy(), dtype=np.float64)
-            index = np.asarray(frame.index.to_numpy(), dtype=np.float64)
+            values, index = _numeric(frame.to_numpy()), _numeric(frame.index.to_numpy())
         except (TypeError, ValueError):
             logger.warning("History %r is not numeric; it is not saved with the model.", key)
             continue
@@ -99,14 +98,18 @@ def history_to_plain(history: dict) -> dict:
     return plain
 
 
+def _numeric(values: np.ndarray) -> np.ndarray:
+    # Numeric arrays keep their dtype (float32 metrics stay float32); others become float64.
+    values = np.asarray(values)
+    return values if values.dtype.kind in "biuf" else values.astype(np.float64)
+
+
 def history_from_plain(history: dict) -> dict:
     """Undo :func:`history_to_plain`."""
     frames = {}
     for key, value in (history or {}).items():
         if isinstance(value, dict) and value.get(_FRAME_TAG):
             index = pd.Index(value["index"], name=value["index_name"])
-            if np.all(np.mod(value["index"], 1) == 0):
-                index = index.astype(np.int64)
             frames[key] = pd.DataFrame(value["values"], index=index, columns=value["columns"])
         else:
             frames[key] = value
