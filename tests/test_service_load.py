@@ -392,3 +392,56 @@ def test_numba_workers_run_in_parallel_with_the_event_loop(quick):
         time.sleep(0.05)
     thread.join(60)
     assert worst < 1.0
+
+
+# ------------------------------------------------------------ a killed server
+def test_a_killed_server_mid_training_falls_back(monkeypatch):
+    import scvi
+    from lightning.pytorch.callbacks import Callback
+
+    from scqbm import QBMVAE
+
+    port = free_port()
+    command = [sys.executable, "-m", "scqbm.cli", "serve-sampler", "--port", str(port)]
+    monkeypatch.setenv("SCQBM_SAMPLER_TOKEN", TOKEN)
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                raw_health(port, timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+
+        class Kill(Callback):
+            def on_train_epoch_end(self, trainer, pl_module):
+                if trainer.current_epoch == 0:
+                    server.kill()  # SIGKILL: no goodbye, sockets just die
+                    server.wait(10)
+
+        scvi.settings.seed = 0
+        data = scvi.data.synthetic_iid(batch_size=50, n_genes=20, n_batches=2, n_labels=2)
+        QBMVAE.setup_anndata(data, batch_key="batch")
+        kwargs = {
+            "url": f"http://127.0.0.1:{port}",
+            "num_chains": 32,
+            "on_failure": "fallback",
+            "max_retries": 1,
+            "backoff": 0.01,
+            "connect_timeout": 1.0,
+        }
+        model = QBMVAE(data, n_latent=6, n_hidden=16, sampler="remote", sampler_kwargs=kwargs)
+        model.train(
+            max_epochs=2,
+            batch_size=50,
+            train_size=1.0,
+            enable_progress_bar=False,
+            callbacks=[Kill()],
+        )
+    finally:
+        server.kill()
+        server.wait(10)
+    assert model.history["sampler_fallbacks"].iloc[:, 0].tolist() == [0.0, 2.0]
+    assert model.is_trained_
