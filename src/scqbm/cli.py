@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,20 +12,38 @@ from pathlib import Path
 DEFAULT_EPOCHS = 30
 
 
+class UsageError(Exception):
+    """A user error of the command line: printed as one line naming the flag, exit code 2."""
+
+
 def _add_integrate(subparsers) -> None:
     p = subparsers.add_parser(
         "integrate",
-        help="Train QBMVAE on an .h5ad file and write the embedding into it.",
+        help="Train QBMVAE on an .h5ad file and write the results to --out.",
         description=(
-            "Train QBMVAE and write obsm[KEY] (embedding), obs['qbmvae_energy'] and, unless "
-            "--no-umap, a UMAP of the embedding. Without INPUT, uses the Kang 2018 IFN-beta "
-            "PBMCs (2,000 HVGs, batch 'stim')."
+            "Train QBMVAE and write a new .h5ad at --out with the cells and genes used for "
+            "training plus the results: obsm[KEY] (embedding), obs['qbmvae_energy'], "
+            "uns['qbmvae'] and, unless --no-umap, the neighbour graph and obsm['X_umap']. "
+            "The input file is never changed, unless --out names it and --overwrite is "
+            "given: then the full input (all cells and genes) is rewritten with the results "
+            "added (NaN for cells not used), atomically. Without INPUT, uses the Kang 2018 "
+            "IFN-beta PBMCs (2,000 HVGs, batch 'stim'). User errors are one line and exit "
+            "code 2; --debug shows the traceback."
         ),
     )
     p.add_argument("input", nargs="?", help="Input .h5ad (raw counts in X or --layer).")
     p.add_argument(
-        "--out", "-o", default="out/qbmvae.h5ad", help="Output .h5ad (default: %(default)s)."
+        "--out",
+        "-o",
+        default="out/qbmvae.h5ad",
+        help="Output .h5ad, written atomically (default: %(default)s).",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Allow --out to be the input file (the full input is kept, results added).",
+    )
+    p.add_argument("--debug", action="store_true", help="Show tracebacks of errors.")
     p.add_argument("--batch-key", help="obs column with the batch (default dataset: stim).")
     p.add_argument("--labels-key", help="obs column with cell-type labels (optional).")
     p.add_argument("--layer", help="Layer with raw counts (default: X).")
@@ -73,10 +92,69 @@ def _load_input(args):
         source = "Kang 2018 IFN-beta PBMCs (scqbm.datasets.kang_ifnb)"
     else:
         if not Path(args.input).exists():
-            raise SystemExit(f"scqbm integrate: input file {args.input!r} does not exist.")
-        adata = ad.read_h5ad(args.input)
+            raise UsageError(f"input file {args.input!r} does not exist.")
+        try:
+            adata = ad.read_h5ad(args.input)
+        except (OSError, KeyError, ValueError) as err:
+            raise UsageError(f"cannot read {args.input!r} as .h5ad: {err}") from err
         source = args.input
     return adata, source
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def _check_out(args) -> bool:
+    """Whether --out is the input (allowed only with --overwrite)."""
+    if args.input is None or not Path(args.out).exists() or not _same_file(args.out, args.input):
+        return False
+    if not args.overwrite:
+        raise UsageError(
+            f"--out {args.out!r} is the input file; choose another --out, or pass --overwrite "
+            "to rewrite the input with the results added (all its cells and genes are kept)."
+        )
+    return True
+
+
+def _check_args(adata, args) -> None:
+    """Every flag that names data must name something in the input; one line otherwise."""
+    from scqbm._validation import InvalidInputError, check_counts, get_layer
+
+    for flag, key in (("--batch-key", args.batch_key), ("--labels-key", args.labels_key)):
+        if key is not None and key not in adata.obs:
+            raise UsageError(
+                f"{flag} {key!r} is not a column of obs (available: "
+                f"{list(adata.obs.columns)[:15]})."
+            )
+    if args.layer is not None and args.layer not in adata.layers:
+        raise UsageError(
+            f"--layer {args.layer!r} is not a layer of the input (available: "
+            f"{list(adata.layers) or 'none'}); omit --layer to use X."
+        )
+    if args.genes_key is not None and args.genes_key not in adata.var:
+        raise UsageError(
+            f"--genes-key {args.genes_key!r} is not a column of var "
+            f"(available: {list(adata.var.columns)[:15]})."
+        )
+    if args.n_top_genes is not None and not 1 <= args.n_top_genes <= adata.n_vars:
+        raise UsageError(f"--n-top-genes must be between 1 and {adata.n_vars} (the genes).")
+    for flag, value in (("--max-epochs", args.max_epochs), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UsageError(f"{flag} must be a positive integer, got {value}.")
+    if args.gene_likelihood != "normal":
+        where = "X" if args.layer is None else f"layer {args.layer!r}"
+        try:
+            check_counts(get_layer(adata, args.layer), args.gene_likelihood)
+        except InvalidInputError:
+            raise UsageError(
+                f"{where} holds non-integer values, but --gene-likelihood "
+                f"{args.gene_likelihood} needs raw counts: pass --layer NAME with the raw "
+                "counts, or --gene-likelihood normal for log-normalised data."
+            ) from None
 
 
 def _select_genes(adata, args):
@@ -84,21 +162,19 @@ def _select_genes(adata, args):
     import scanpy as sc
 
     if args.genes_key is not None:
-        if args.genes_key not in adata.var:
-            raise SystemExit(
-                f"scqbm integrate: --genes-key {args.genes_key!r} is not a column of var "
-                f"(available: {list(adata.var.columns)[:15]})."
-            )
         return adata[:, np.asarray(adata.var[args.genes_key], dtype=bool)].copy()
     if args.n_top_genes is not None:
-        sc.pp.highly_variable_genes(
+        # Not in place: the input AnnData stays whole (it may be written back with results).
+        hvg = sc.pp.highly_variable_genes(
             adata,
             n_top_genes=args.n_top_genes,
             flavor="seurat_v3",
             layer=args.layer,
             batch_key=args.batch_key,
-            subset=True,
+            inplace=False,
         )
+        selected = hvg["highly_variable"].reindex(adata.var_names).fillna(False)
+        return adata[:, selected.to_numpy(dtype=bool)].copy()
     return adata
 
 
@@ -127,7 +203,10 @@ def _run_integrate(args) -> int:
     from scqbm import tl
 
     started = time.perf_counter()
+    into_input = _check_out(args)
     adata, source = _load_input(args)
+    _check_args(adata, args)
+    full = adata if into_input else None
     if args.max_cells is not None and args.max_cells < adata.n_obs:
         rng = np.random.default_rng(args.seed)
         adata = adata[np.sort(rng.choice(adata.n_obs, args.max_cells, replace=False))].copy()
@@ -165,11 +244,43 @@ def _run_integrate(args) -> int:
             _plot(adata, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(out)
+    _write_atomically(_with_results(full, adata, args) if into_input else adata, out)
     if args.save_model:
         model.save(args.save_model, overwrite=True)
     _summary(model, adata, args, out, started, trained)
     return 0
+
+
+def _with_results(full, adata, args):
+    """The full input with the results of ``adata`` (a subset of its cells) added."""
+    import numpy as np
+
+    rows = full.obs_names.get_indexer(adata.obs_names)
+    keys = [args.key_added] + ([] if args.no_umap else ["X_umap"])
+    for key in keys:
+        values = np.full((full.n_obs, adata.obsm[key].shape[1]), np.nan, dtype=np.float32)
+        values[rows] = adata.obsm[key]
+        full.obsm[key] = values
+    energy = np.full(full.n_obs, np.nan)
+    energy[rows] = adata.obs["qbmvae_energy"].to_numpy()
+    full.obs["qbmvae_energy"] = energy
+    full.uns["qbmvae"] = adata.uns["qbmvae"]
+    if not args.no_umap and adata.n_obs == full.n_obs and (rows == np.arange(full.n_obs)).all():
+        for key in ("distances", "connectivities"):
+            full.obsp[key] = adata.obsp[key]
+        full.uns["neighbors"], full.uns["umap"] = adata.uns["neighbors"], adata.uns["umap"]
+    return full
+
+
+def _write_atomically(adata, out: Path) -> None:
+    """Write to a temporary file next to ``out``, then rename: never a half-written file."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _plot(adata, args) -> None:
@@ -262,9 +373,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``scqbm`` command."""
+    """Entry point of the ``scqbm`` command.
+
+    User errors (bad flags, data that does not fit them) print one line naming what to
+    change and return 2; ``--debug`` raises them with the traceback instead.
+    """
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    from scqbm._validation import InvalidInputError
+
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, InvalidInputError) as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"scqbm {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        from scqbm.samplers import SamplerError
+
+        if getattr(args, "debug", False) or not isinstance(err, SamplerError | ValueError):
+            raise
+        print(
+            f"scqbm {args.command}: error: {_one_line(err)} (--debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":  # pragma: no cover

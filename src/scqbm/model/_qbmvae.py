@@ -42,6 +42,7 @@ from scqbm._validation import (
     check_numeric_obs,
     check_obs_keys,
 )
+from scqbm.model import _integrity
 from scqbm.model._genes import match_genes
 from scqbm.model._importance import draw_posterior, importance_weights, torch_seeded_rng
 from scqbm.model._minify import LOGITS_KEY, minify
@@ -53,6 +54,7 @@ from scqbm.model._setup import (
     setup_snapshot,
     undo_setup,
 )
+from scqbm.model._train_guard import restore_on_failure
 from scqbm.module import QBMVAEModule
 from scqbm.prior import LogPartitionEstimate
 from scqbm.train import QBMTrainingPlan
@@ -323,11 +325,15 @@ class QBMVAE(
 
         With a custom ``datamodule`` (a :class:`~lightning.pytorch.LightningDataModule`
         yielding scvi-tools batches), build the model with
-        ``QBMVAE(adata=None, registry=datamodule.registry)``.
+        ``QBMVAE(adata=None, registry=datamodule.registry)``. If training raises (for example
+        a sampler failure under ``on_failure="raise"``), the weights, persistent chains and
+        log Z are restored to their state before the call, ``history`` keeps what was logged,
+        and the error says so.
         """
         if datamodule is None and self.adata is not None:
             check_model_data(self.adata.n_obs)
-        return super().train(*args, datamodule=datamodule, **kwargs)
+        with restore_on_failure(self, kwargs):
+            return super().train(*args, datamodule=datamodule, **kwargs)
 
     # ---------------------------------------------------------------- queries
     def _posterior_outputs(
@@ -785,23 +791,75 @@ class QBMVAE(
 
     # ----------------------------------------------------------- load / query
     @staticmethod
-    def _saved_var_names(dir_path: str, prefix: str | None):
-        path = os.path.join(dir_path, f"{prefix or ''}model.pt")
-        return torch.load(path, map_location="cpu", weights_only=False)["var_names"]
+    def _saved_var_names(dir_path: str, prefix: str | None, allow_unverified: bool = False):
+        model = _integrity.load_checked(dir_path, prefix, allow_unverified)
+        if model is None:  # unverified, as the caller allowed: scvi-tools' own reader
+            from scvi.model.base._save_load import _load_saved_files
+
+            return _load_saved_files(dir_path, False, prefix=prefix, map_location="cpu")[1]
+        return model["var_names"]
+
+    def save(self, dir_path: str, prefix: str | None = None, **kwargs) -> str:
+        """Save the model as scvi-tools does, plus a manifest with the files' SHA-256 digests.
+
+        Secrets in the constructor arguments (a ``token`` or other credential in
+        ``sampler_kwargs``) are left out with a logged note. See
+        :meth:`scvi.model.base.BaseModelClass.save` for the arguments.
+
+        Returns
+        -------
+        The SHA-256 of the manifest; pass it to :meth:`load` as ``expected_sha256`` to check
+        that a copy is the model saved here.
+
+        """
+        with _integrity.saving_safely(self):
+            super().save(dir_path, prefix=prefix, **kwargs)
+        digest = _integrity.write_manifest(dir_path, prefix)
+        logger.info("Saved %s (manifest SHA-256 %s).", dir_path, digest)
+        return digest
 
     @classmethod
     def load(
-        cls, dir_path: str, adata: AnnData | None = None, prefix: str | None = None, **kwargs
+        cls,
+        dir_path: str,
+        adata: AnnData | None = None,
+        prefix: str | None = None,
+        allow_unverified: bool = False,
+        expected_sha256: str | None = None,
+        **kwargs,
     ):
-        """Load a saved model; with ``adata``, its genes must be the model's.
+        """Load a saved model after checking its files against its manifest.
 
         The same genes in another order are reordered in place with a warning (scvi-tools
-        only warns); missing or extra genes are an error. See
-        :meth:`scvi.model.base.BaseModelClass.load` for the other arguments.
+        only warns); missing or extra genes are an error.
+
+        The files are compared with the manifest written by :meth:`save` before anything is
+        unpickled, and ``model.pt`` is read with ``torch.load(weights_only=True)``; a changed
+        or corrupted file raises :class:`~scqbm.model.ModelIntegrityError`.
+
+        Parameters
+        ----------
+        dir_path, adata, prefix
+            As in :meth:`scvi.model.base.BaseModelClass.load`.
+        allow_unverified
+            Load a directory without a manifest (saved by scvi-tools or an older scqbm)
+            through scvi-tools' loader, which unpickles with ``weights_only=False``: only
+            for files from a trusted source.
+        expected_sha256
+            The digest :meth:`save` returned: also checks that the manifest is that one.
+        **kwargs
+            Other arguments of :meth:`scvi.model.base.BaseModelClass.load`.
+
         """
+        model = _integrity.load_checked(dir_path, prefix, allow_unverified, expected_sha256)
+        if model is None:
+            if adata is not None and adata is not False:
+                match_genes(cls._saved_var_names(dir_path, prefix, True), adata, "QBMVAE.load")
+            return super().load(dir_path, adata=adata, prefix=prefix, **kwargs)
         if adata is not None and adata is not False:
-            match_genes(cls._saved_var_names(dir_path, prefix), adata, "QBMVAE.load")
-        return super().load(dir_path, adata=adata, prefix=prefix, **kwargs)
+            match_genes(model["var_names"], adata, "QBMVAE.load")
+        with _integrity.scvi_loads_from(model, dir_path, prefix):
+            return super().load(dir_path, adata=adata, prefix=prefix, **kwargs)
 
     @classmethod
     def load_query_data(cls, adata: AnnData | None = None, reference_model=None, *args, **kwargs):
@@ -828,4 +886,8 @@ class QBMVAE(
                     "state_registry"
                 ]["column_names"]
             match_genes(saved, adata, "QBMVAE.load_query_data")
+        if isinstance(reference_model, str | os.PathLike):
+            model = _integrity.load_checked(reference_model, None, False)
+            with _integrity.scvi_loads_from(model, reference_model, None):
+                return super().load_query_data(adata, reference_model, *args, **kwargs)
         return super().load_query_data(adata, reference_model, *args, **kwargs)

@@ -25,7 +25,7 @@ from ._ising import (
 from ._kaiwu import KaiwuCIMSampler, KaiwuSASampler
 from ._kaiwu_sdk import KaiwuCredentialsError, KaiwuError
 from ._registry import available_samplers, make_sampler, register_sampler
-from ._remote import RemoteSampler, ServiceUnavailable
+from ._remote import RemoteSampler, ServiceConfigurationError, ServiceUnavailable
 from ._tempering import ParallelTemperingSampler
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "SamplerError",
     "SamplerNotInstalled",
     "SamplerUnavailable",
+    "ServiceConfigurationError",
     "ServiceUnavailable",
     "available_samplers",
     "binary_to_spins",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import threading
@@ -13,7 +14,7 @@ import torch
 
 from ._base import BoltzmannSampler, SamplerError
 from ._gibbs import GibbsSampler
-from .service._protocol import API_PREFIX, TOKEN_ENV, ProtocolError, decode_bits, encode_array
+from ._wire import API_PREFIX, TOKEN_ENV, ProtocolError, decode_bits, encode_array
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +23,71 @@ _INSTALL_HINT = "pip install 'scqbm[service]'"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
+#: Statuses that mean the client is configured wrongly (token); retrying cannot help.
+AUTH_STATUSES = frozenset({401, 403})
+#: Reply bytes allowed beyond the packed samples (JSON, base64 overhead and ``info``).
+_REPLY_SLACK = 1 << 20
+
+
 class ServiceUnavailable(SamplerError):
-    """The sampling service could not be reached or failed after every retry."""
+    """The sampling service could not be reached, failed or answered malformed data."""
+
+
+class ServiceConfigurationError(SamplerError):
+    """The service refused the client's credentials (HTTP 401/403): fix the token."""
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _numbers(value) -> bool:
+    # NaN travels as null (e.g. a swap rate with no attempts).
+    return isinstance(value, list) and all(v is None or _number(v) for v in value)
+
+
+def _short_text(value) -> bool:
+    return isinstance(value, str) and len(value) <= 200
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+#: ``info`` keys a service may send, with their checks. Other keys are dropped: a reply
+#: must not be able to add counters (``fallback``) to the training history.
+INFO_SCHEMA = {
+    "backend": _short_text,
+    "sampler": _short_text,
+    "seconds": _number,
+    "queue_seconds": _number,
+    "persistent": lambda v: isinstance(v, bool),
+    "sweeps": _count,
+    "spin_updates": _count,
+    "chunks": _count,
+    "solves": _count,
+    "ising_spins": _count,
+    "betas": _numbers,
+    "swap_acceptance": _numbers,
+    "beta_range": _numbers,
+    "precision_scale": lambda v: v is None or _number(v),
+    "effective_beta": lambda v: _number(v) and math.isfinite(v) and v > 0,
+}
+
+
+def validate_info(info) -> dict:
+    """The allowed keys of a reply's ``info``; ``ProtocolError`` for a wrong type."""
+    if not isinstance(info, dict):
+        raise ProtocolError(f"`info` must be an object, got {type(info).__name__}.")
+    checked = {}
+    for key, value in info.items():
+        check = INFO_SCHEMA.get(key)
+        if check is None:
+            continue  # unknown keys are dropped, not trusted
+        if not check(value):
+            raise ProtocolError(f"`info.{key}` has an invalid value {str(value)[:80]!r}.")
+        checked[key] = value
+    return checked
 
 
 class RemoteSampler(BoltzmannSampler):
@@ -32,10 +96,16 @@ class RemoteSampler(BoltzmannSampler):
     Each call sends the problem (base64 ``float32`` or ``float64`` arrays) to
     ``POST {url}/v1/sample`` with the token as ``Authorization: Bearer``. Connection errors,
     timeouts and statuses 429 and 5xx are retried with exponential backoff (``backoff * 2^k``
-    seconds, at most ``max_backoff``, with jitter); other 4xx answers (bad token, request over
-    the service's limits, invalid problem) raise at once, since repeating them cannot help.
+    seconds, at most ``max_backoff``, with jitter), and so are malformed replies: every reply
+    is checked strictly (exact byte length for the declared shape, integer shape equal to the
+    requested reads and units, no stray bits, only known ``info`` keys with the right types;
+    unknown keys are dropped). A 401 or 403 is a configuration error (no or a wrong token)
+    and raises :class:`ServiceConfigurationError` at once, also under ``"fallback"``; other
+    4xx answers (request over the service's limits, invalid problem) raise
+    :class:`~scqbm.samplers.SamplerError` at once, since repeating them cannot help.
 
-    When the service stays unavailable, ``on_failure`` decides: ``"raise"`` raises
+    When the service stays unavailable or keeps answering malformed data, ``on_failure``
+    decides: ``"raise"`` raises
     :class:`ServiceUnavailable`; ``"fallback"`` draws from a local persistent
     :class:`~scqbm.samplers.GibbsSampler` instead, logs a warning, counts the call in
     :attr:`fallbacks` and marks it with ``info["fallback"] = 1`` (the training plan logs the
@@ -49,9 +119,9 @@ class RemoteSampler(BoltzmannSampler):
     url
         Base URL of the service, e.g. ``"http://127.0.0.1:8765"``.
     token
-        The service's token; default: the environment variable ``SCQBM_SAMPLER_TOKEN``. A
-        token given here is stored with a saved model's constructor arguments; the environment
-        variable is not.
+        The service's token; default: the environment variable ``SCQBM_SAMPLER_TOKEN``, read
+        at each request. A token given here is never saved with a model (``QBMVAE.save``
+        strips it); a loaded model reads the environment variable.
     num_chains
         Reads per negative phase (the model asks for this many).
     timeout
@@ -161,9 +231,12 @@ class RemoteSampler(BoltzmannSampler):
         Raises
         ------
         ServiceUnavailable
-            No usable answer after ``max_retries`` retries.
+            No usable answer (unreachable, 429/5xx, malformed reply) after ``max_retries``
+            retries.
+        ServiceConfigurationError
+            The service refused the token (401/403).
         SamplerError
-            The service refused the request (4xx other than 429) or answered malformed data.
+            The service refused the request (another 4xx).
 
         """
         client = self._http()  # first: it raises the install hint when httpx is missing
@@ -178,23 +251,52 @@ class RemoteSampler(BoltzmannSampler):
             }
         ).encode()
         endpoint = f"{self.url}{API_PREFIX}/sample"
+        shape = (int(num_reads), int(h.shape[0]))
+        limit = shape[0] * (-(-shape[1] // 8)) * 4 // 3 + _REPLY_SLACK
         failure = ""
         for attempt in range(self.max_retries + 1):
             response = None
             try:
-                response = client.post(endpoint, content=body, headers=self._headers())
+                request = client.build_request(
+                    "POST", endpoint, content=body, headers=self._headers()
+                )
+                response = client.send(request, stream=True)
+                try:
+                    content = _read_limited(response, limit)
+                finally:
+                    response.close()
             except httpx.TransportError as err:  # connection refused or reset, timeouts
                 failure = f"{type(err).__name__}: {err}"
+            except ProtocolError as err:  # a reply far larger than the samples asked for
+                failure = f"malformed answer: {err}"
             else:
-                if response.status_code < 400:
-                    return self._decode(response, num_reads, h.shape[0], attempt, len(body))
-                message = _error_message(response)
-                if response.status_code not in RETRY_STATUSES:
-                    raise SamplerError(
-                        f"The sampling service at {self.url} refused the request "
-                        f"(HTTP {response.status_code}): {message}"
-                    )
-                failure = f"HTTP {response.status_code}: {message}"
+                status = response.status_code
+                if status < 400:
+                    try:
+                        return self._decode(content, shape, attempt, len(body))
+                    except ProtocolError as err:
+                        failure = f"malformed answer: {err}"
+                        logger.warning(
+                            "Malformed answer from the sampling service at %s (attempt %d): %s",
+                            self.url,
+                            attempt + 1,
+                            err,
+                        )
+                else:
+                    message = _error_message(content, response.reason_phrase)
+                    if status in AUTH_STATUSES:
+                        raise ServiceConfigurationError(
+                            f"Configuration error: the sampling service at {self.url} refused "
+                            f"the token (HTTP {status}): {message} Set the service's token in "
+                            f"${TOKEN_ENV} (or the sampler's `token`). Not retried and no "
+                            "fallback: a wrong token cannot be fixed by waiting."
+                        )
+                    if status not in RETRY_STATUSES:
+                        raise SamplerError(
+                            f"The sampling service at {self.url} refused the request "
+                            f"(HTTP {status}): {message}"
+                        )
+                    failure = f"HTTP {status}: {message}"
             if attempt < self.max_retries:
                 time.sleep(self._delay(attempt, response))
         raise ServiceUnavailable(
@@ -202,20 +304,16 @@ class RemoteSampler(BoltzmannSampler):
             f"last error: {failure}"
         )
 
-    def _decode(self, response, num_reads, n, attempt, payload_bytes):
+    def _decode(self, content: bytes, shape, attempt, payload_bytes):
+        """Samples and checked info of a reply; ``ProtocolError`` for anything malformed."""
         try:
-            answer = response.json()
-            samples = decode_bits(answer["samples"])
-            info = dict(answer.get("info") or {})
-        except (ValueError, KeyError, TypeError, ProtocolError) as err:
-            raise SamplerError(
-                f"Malformed answer from the sampling service at {self.url}: {err}"
-            ) from err
-        if samples.shape != (num_reads, n):
-            raise SamplerError(
-                f"The sampling service at {self.url} returned samples of shape "
-                f"{samples.shape}; ({num_reads}, {n}) were asked for."
-            )
+            answer = json.loads(content)
+        except (ValueError, RecursionError) as err:
+            raise ProtocolError(f"the reply is not JSON ({type(err).__name__})") from None
+        if not isinstance(answer, dict) or "samples" not in answer:
+            raise ProtocolError("the reply has no `samples`.")
+        samples = decode_bits(answer["samples"], shape)
+        info = validate_info(answer.get("info", {}))
         # The service's own wall time; this call's (network included) is info["seconds"].
         info["server_seconds"] = info.pop("seconds", None)
         info.pop("sampler", None)
@@ -281,9 +379,20 @@ class RemoteSampler(BoltzmannSampler):
         )
 
 
-def _error_message(response) -> str:
+def _read_limited(response, limit: int) -> bytes:
+    """The reply body, or ``ProtocolError`` once it exceeds ``limit`` bytes."""
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise ProtocolError(f"the reply exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error_message(content: bytes, reason: str) -> str:
     """The service's ``error.message``, or the start of the body."""
     try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return response.text[:300] or response.reason_phrase
+        return str(json.loads(content)["error"]["message"])[:500]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return content[:300].decode("utf-8", "replace") or reason

@@ -2,19 +2,20 @@
 
 Importing this package needs no optional dependency; :func:`create_app`,
 :class:`ServiceLimits`, :func:`serve_in_background` and :class:`BackgroundServer` import
-FastAPI and uvicorn (``pip install 'scqbm[service]'``) when first used.
+FastAPI and uvicorn (``pip install 'scqbm[service]'``) when first used. The wire format is
+:mod:`scqbm.samplers._wire`, shared with the ``remote`` client.
 """
 
 from __future__ import annotations
 
 import importlib
 
+from .._wire import API_PREFIX, TOKEN_ENV, ProtocolError, decode_array, encode_array
 from ._cli import add_serve_arguments, run_serve
-from ._protocol import API_PREFIX, TOKEN_ENV, ProtocolError, decode_array, encode_array
+from ._limits import ServiceLimits
 
 _LAZY = {
     "create_app": "._app",
-    "ServiceLimits": "._app",
     "ServiceError": "._app",
     "serve_in_background": "._background",
     "BackgroundServer": "._background",

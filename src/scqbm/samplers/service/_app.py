@@ -1,15 +1,22 @@
-"""The sampling service: a FastAPI app that serves one registered sampler backend over HTTP."""
+"""The sampling service: a FastAPI app that serves one registered sampler backend over HTTP.
+
+Every answer that is not a sample set is ``{"error": {"code", "message"}}`` with a 4xx status
+for anything the client sent (never a 500 for a malformed request) and 503 when the service
+cannot help now (backend unavailable, deadline passed; with ``Retry-After``) or 429 when its
+queue is full.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import inspect
 import json
 import logging
 import math
-import threading
-from collections import OrderedDict
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
@@ -21,42 +28,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .._base import BoltzmannSampler, validate_problem
+from .._base import validate_problem
 from .._kaiwu_sdk import KaiwuCredentialsError
 from .._registry import make_sampler
-from ._protocol import API_PREFIX, ProtocolError, decode_array, encode_bits
+from .._wire import API_PREFIX, ProtocolError, decode_array, encode_bits
+from ._limits import ServiceLimits
+from ._pool import Cancelled, QueueFull, SamplingPool
 
 logger = logging.getLogger(__name__)
 
 #: Keys of backend arguments never echoed by ``/v1/info``.
 _SECRET_WORDS = ("token", "code", "secret", "password", "user_id", "key")
 
+__all__ = ["ServiceError", "ServiceLimits", "create_app"]
 
-@dataclass(frozen=True)
-class ServiceLimits:
-    """Request limits of the sampling service.
 
-    Attributes
-    ----------
-    max_spins
-        Largest number of units of a problem.
-    max_reads
-        Largest ``num_reads`` of one request.
-    max_payload_bytes
-        Largest request body; a 2048-unit ``W`` in float64 is 32 MiB, 43 MiB as base64.
-
-    """
-
-    max_spins: int = 2048
-    max_reads: int = 10_000
-    max_payload_bytes: int = 64 * 2**20
-
-    def __post_init__(self):
-        for name, value in asdict(self).items():
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(
-                    f"ServiceLimits.{name} must be a positive integer, got {value!r}."
-                )
+def _package_version() -> str:
+    # Not `scqbm.__version__`: the service must not import the top package.
+    try:
+        return version("scqbm")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
 
 
 class ServiceError(Exception):
@@ -78,10 +70,10 @@ class SampleRequest(BaseModel):
     n_visible: int | None = Field(default=None, strict=True)
 
 
-class _Backends:
-    """One backend instance per problem size, used by one request at a time."""
+class _Backend:
+    """The configured backend: how to build it per problem size and what one read costs."""
 
-    def __init__(self, name: str, kwargs: dict[str, Any], device: str, max_cached: int = 4):
+    def __init__(self, name: str, kwargs: dict[str, Any], device: str):
         self.device = torch.device(device)
         try:  # an unusable device fails at startup, not on every request
             torch.empty(0, device=self.device)
@@ -94,26 +86,21 @@ class _Backends:
         self.stateless = "persistent" in accepts and "persistent" not in kwargs
         if self.stateless:
             kwargs["persistent"] = False
-        self.name, self.kwargs, self.max_cached = name, kwargs, max_cached
-        self._cache: OrderedDict[int, BoltzmannSampler] = OrderedDict()
-        # Samplers keep state (random generators, buffers) and are not thread-safe.
-        self._lock = threading.Lock()
+        self.name, self.kwargs = name, kwargs
+        self.sweeps = _sweeps_per_read(probe)
         preflight = getattr(probe, "preflight", None)
         if preflight is not None:
             preflight()
 
-    def sample(self, h, W, num_reads, n_visible):
-        with self._lock:
-            n = h.shape[0]
-            sampler = self._cache.pop(n, None)
-            if sampler is None:
-                sampler = make_sampler(self.name, n, **self.kwargs).to(self.device)
-            self._cache[n] = sampler
-            while len(self._cache) > self.max_cached:
-                self._cache.popitem(last=False)
-            h, W = h.to(self.device), W.to(self.device)
-            with torch.no_grad():
-                return sampler.sample(h, W, num_reads, n_visible=n_visible)
+    def make(self, n_units: int):
+        return make_sampler(self.name, n_units, **self.kwargs).to(self.device)
+
+
+def _sweeps_per_read(sampler) -> int:
+    """Sweeps one read costs: burn-in and sweeps of a fresh chain, times its replicas."""
+    sweeps = getattr(sampler, "burn_in", 0) + getattr(sampler, "num_sweeps", 0)
+    sweeps = sweeps or getattr(sampler, "sample_kwargs", {}).get("num_sweeps", 1)
+    return max(1, int(sweeps)) * max(1, int(getattr(sampler, "num_temps", 1)))
 
 
 def _jsonable(value):
@@ -140,8 +127,12 @@ def _redact(kwargs: dict) -> dict:
     }
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes."""
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes.
+
+    The whole body must arrive within ``timeout`` seconds (408 otherwise), so a client
+    trickling bytes cannot hold a connection and a worker's memory indefinitely.
+    """
     too_large = ServiceError(
         413,
         "payload_too_large",
@@ -149,24 +140,46 @@ async def _read_body(request: Request, limit: int) -> bytes:
     )
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()) or len(declared) > 20:
             raise ServiceError(400, "bad_request", "Invalid Content-Length header.")
         if int(declared) > limit:
             raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:  # a chunked body has no Content-Length to check up front
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:  # a chunked body has no Content-Length to check up front
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ServiceError(
+            408,
+            "body_timeout",
+            f"The request body did not arrive within {timeout:g} s (body_timeout).",
+        ) from None
     return b"".join(chunks)
 
 
-def _parse(body: bytes, limits: ServiceLimits):
+def _parse(body: bytes, limits: ServiceLimits, sweeps: int):
     """Decode and check a sampling request; ``ServiceError`` with a 4xx status otherwise."""
     try:
+        return _parse_checked(body, limits, sweeps)
+    except ServiceError:
+        raise
+    except Exception as err:  # a malformed request is the client's error, never a 500
+        logger.debug("unparseable request", exc_info=True)
+        raise ServiceError(
+            400, "bad_request", f"Malformed sampling request: {type(err).__name__}."
+        ) from None
+
+
+def _parse_checked(body: bytes, limits: ServiceLimits, sweeps: int):
+    try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except RecursionError:
+        raise ServiceError(400, "bad_json", "The request body is nested too deeply.") from None
+    except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError; ints over 4300 digits
         raise ServiceError(
             400, "bad_json", f"The request body is not valid JSON: {err}."
         ) from None
@@ -177,14 +190,21 @@ def _parse(body: bytes, limits: ServiceLimits):
             f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors()
         )
         raise ServiceError(
-            422, "invalid_request", f"Invalid sampling request: {details}."
+            422, "invalid_request", f"Invalid sampling request: {details}."[:2000]
         ) from None
     try:
         h = decode_array(request.h, "h")
         W = decode_array(request.W, "W")
     except ProtocolError as err:
         raise ServiceError(422, "invalid_request", str(err)) from None
-    n = h.shape[0] if h.ndim == 1 else -1
+    if h.ndim != 1 or h.shape[0] == 0:
+        raise ServiceError(
+            422,
+            "invalid_problem",
+            f"Expected h of shape (n,) with n >= 1 and W of shape (n, n); got h of shape "
+            f"{list(h.shape)[:8]}.",
+        )
+    n = h.shape[0]
     if n > limits.max_spins:
         raise ServiceError(
             413,
@@ -198,6 +218,16 @@ def _parse(body: bytes, limits: ServiceLimits):
             "too_many_reads",
             f"num_reads={request.num_reads} exceeds this service's limit of "
             f"{limits.max_reads} (max_reads); split the request.",
+        )
+    work = n * request.num_reads * sweeps
+    if work > limits.max_work:
+        most = max(1, limits.max_work // (n * sweeps))
+        raise ServiceError(
+            413,
+            "too_much_work",
+            f"{n} units x {request.num_reads} reads x {sweeps} sweeps = {work} spin updates "
+            f"exceeds this service's budget of {limits.max_work} (max_work); ask for at most "
+            f"{most} reads per request.",
         )
     h, W = torch.from_numpy(h), torch.from_numpy(W)
     try:
@@ -240,11 +270,14 @@ def create_app(
     backend_kwargs
         Its keyword arguments; validated at once by building the backend. Backends with a
         ``persistent`` argument run fresh chains per request unless it is given, because
-        requests of different clients must not continue each other's chains.
+        requests of different clients must not continue each other's chains; their requests
+        are then sampled in fair chunks (see :mod:`scqbm.samplers.service._pool`).
     token
         Shared secret expected as ``Authorization: Bearer <token>``.
     limits
-        Request limits (:class:`ServiceLimits`).
+        Request, compute, queue and time limits (:class:`ServiceLimits`). The connection
+        limits and header timeout apply when the app is served by
+        :func:`~scqbm.samplers.service.serve_in_background` or ``scqbm serve-sampler``.
     allow_no_token
         Serve without authentication (``token=None``); refused otherwise.
     device
@@ -253,7 +286,7 @@ def create_app(
     Returns
     -------
     The app: ``GET /v1/health`` (no authentication), ``GET /v1/info`` and
-    ``POST /v1/sample`` (see :mod:`scqbm.samplers.service._protocol`).
+    ``POST /v1/sample`` (see :mod:`scqbm.samplers._wire`).
 
     """
     if not token and not allow_no_token:
@@ -261,11 +294,14 @@ def create_app(
             "The sampling service needs a token: --token or $SCQBM_SAMPLER_TOKEN (token= in "
             "Python), or --allow-no-token (allow_no_token=True) on a trusted network."
         )
-    from scqbm import __version__
-
     limits = limits or ServiceLimits()
-    backends = _Backends(backend, backend_kwargs or {}, device)
-    app = FastAPI(title="scqbm sampling service", version=__version__)
+    backends = _Backend(backend, backend_kwargs or {}, device)
+    pool = SamplingPool(
+        backends.make, limits.workers, limits.max_queue, chunkable=backends.stateless
+    )
+    app_version = _package_version()
+    app = FastAPI(title="scqbm sampling service", version=app_version)
+    app.state.pool = pool
 
     def authenticate(request: Request) -> None:
         if not token:
@@ -297,13 +333,23 @@ def create_app(
         return JSONResponse(
             {"error": {"code": "http_error", "message": str(err.detail)}},
             status_code=err.status_code,
+            headers=getattr(err, "headers", None),
         )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError):
         return JSONResponse(
-            {"error": {"code": "invalid_request", "message": str(err.errors())}},
+            {"error": {"code": "invalid_request", "message": str(err.errors())[:2000]}},
             status_code=422,
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception):
+        # A bug, not a bad request: still the one error shape, and logged once.
+        logger.error("unexpected error on %s", request.url.path, exc_info=err)
+        return JSONResponse(
+            {"error": {"code": "internal_error", "message": type(err).__name__}},
+            status_code=500,
         )
 
     @app.get(f"{API_PREFIX}/health")
@@ -316,18 +362,71 @@ def create_app(
             "backend": backend,
             "backend_kwargs": _redact(backends.kwargs),
             "stateless": backends.stateless,
+            "sweeps_per_read": backends.sweeps,
             "device": str(backends.device),
             "limits": asdict(limits),
-            "version": __version__,
+            "queue": pool.stats(),
+            "version": app_version,
         }
 
     @app.post(f"{API_PREFIX}/sample", dependencies=[Depends(authenticate)])
     async def sample(request: Request):
-        body = await _read_body(request, limits.max_payload_bytes)
-        h, W, num_reads, n_visible = _parse(body, limits)
+        arrived = time.monotonic()
+        body = await _read_body(request, limits.max_payload_bytes, limits.body_timeout)
+        # Parsing a 40 MB body takes a while: off the event loop, which keeps serving.
+        h, W, num_reads, n_visible = await run_in_threadpool(_parse, body, limits, backends.sweeps)
+        del body
+        deadline = arrived + limits.deadline_seconds
         try:
-            # In a worker thread: the event loop keeps answering other clients meanwhile.
-            result = await run_in_threadpool(backends.sample, h, W, num_reads, n_visible)
+            job = pool.submit(h, W, num_reads, n_visible, backends.sweeps, deadline)
+        except QueueFull as full:
+            raise ServiceError(
+                429,
+                "queue_full",
+                f"The service has {limits.max_queue} requests in progress (max_queue); "
+                f"retry in about {full.retry_after:.0f} s.",
+                {"Retry-After": str(int(full.retry_after))},
+            ) from None
+        samples, result_info = await _wait(request, job, deadline, limits, pool)
+        return {
+            "samples": encode_bits(samples.numpy()),
+            "info": _jsonable({**result_info, "backend": backend}),
+        }
+
+    async def _wait(request, job, deadline, limits, pool):
+        """The job's result; cancels it when the client disconnects or the deadline passes."""
+        result = asyncio.wrap_future(job.future)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait(
+                {result, gone},
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            gone.cancel()
+        if result not in done:
+            job.cancel()
+            result.cancel()
+            if gone in done:  # nobody will read this answer
+                raise ServiceError(499, "client_closed", "The client closed the connection.")
+            retry = int(pool.stats()["drain_seconds"])
+            raise ServiceError(
+                503,
+                "deadline_exceeded",
+                f"The request did not finish within {limits.deadline_seconds:g} s "
+                "(deadline_seconds); the service is busy or the request is too large.",
+                {"Retry-After": str(retry)},
+            )
+        try:
+            return result.result()
+        except Cancelled as err:
+            raise ServiceError(
+                503,
+                "deadline_exceeded",
+                f"The request was abandoned: {err}.",
+                {"Retry-After": "1"},
+            ) from None
         except ValueError as err:
             raise ServiceError(422, "invalid_problem", str(err)) from None
         except (ImportError, KaiwuCredentialsError) as err:
@@ -338,9 +437,13 @@ def create_app(
             raise ServiceError(
                 500, "backend_error", f"Backend {backend!r} failed: {type(err).__name__}: {err}"
             ) from None
-        return {
-            "samples": encode_bits(result.samples.cpu().numpy()),
-            "info": _jsonable({**result.info, "backend": backend}),
-        }
 
     return app
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client has closed the connection (the body is read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

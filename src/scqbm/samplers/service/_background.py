@@ -6,7 +6,8 @@ import threading
 import time
 from typing import Any
 
-from ._app import ServiceLimits, create_app
+from ._app import create_app
+from ._limits import ServiceLimits
 
 
 class BackgroundServer:
@@ -16,6 +17,8 @@ class BackgroundServer:
     ----------
     app
         The ASGI app (see :func:`create_app`).
+    limits
+        Connection limits and timeouts (:class:`ServiceLimits`); default: the app's.
     host
         Interface to bind; loopback by default.
     port
@@ -25,12 +28,21 @@ class BackgroundServer:
 
     """
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, token: str | None = None):
-        import uvicorn
+    def __init__(
+        self,
+        app,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str | None = None,
+        limits: ServiceLimits | None = None,
+    ):
+        from ._server import make_server
 
-        self.host, self.token = host, token
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
-        self._server = uvicorn.Server(config)
+        self.host, self.token, self.app = host, token, app
+        limits = limits or ServiceLimits()
+        self._server = make_server(
+            app, limits, host=host, port=port, log_level="warning", lifespan="off"
+        )
         self._thread: threading.Thread | None = None
         self.port: int | None = None
 
@@ -58,6 +70,9 @@ class BackgroundServer:
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout)
+        pool = getattr(getattr(self.app, "state", None), "pool", None)
+        if pool is not None:
+            pool.close()
 
     def __enter__(self) -> BackgroundServer:
         return self if self.port is not None else self.start()
@@ -89,4 +104,4 @@ def serve_in_background(
         allow_no_token=allow_no_token,
         device=device,
     )
-    return BackgroundServer(app, host=host, port=port, token=token).start()
+    return BackgroundServer(app, host=host, port=port, token=token, limits=limits).start()

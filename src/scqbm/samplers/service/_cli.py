@@ -8,7 +8,10 @@ import json
 import os
 import sys
 
-from ._protocol import TOKEN_ENV
+from .._wire import TOKEN_ENV
+from ._limits import ServiceLimits
+
+_DEFAULTS = ServiceLimits()
 
 _INSTALL_HINT = "pip install 'scqbm[service]'"
 
@@ -19,6 +22,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "Serve one sampler backend over HTTP for the 'remote' sampler: POST /v1/sample, "
         "GET /v1/info (both with 'Authorization: Bearer TOKEN'), GET /v1/health."
     )
+    parser.epilog = (
+        "Limits: a request over --max-spins, --max-reads, --max-payload-mb or --max-work "
+        "(units x reads x sweeps per read) is refused with 413 before sampling; one that "
+        "does not finish within --deadline seconds (queue and sampling) gets 503 "
+        "deadline_exceeded; with --max-queue requests in progress the next gets 429 and "
+        "Retry-After. Requests are sampled by --workers threads in fair chunks (a small "
+        "request waits about one chunk behind a big one), and work whose client has "
+        "disconnected is stopped. Connections: at most --max-connections (never more than "
+        "the file limit, ulimit -n, minus 64; at the cap the oldest idle connection is "
+        "closed), --header-timeout seconds to send a request head, --body-timeout for the "
+        "body (408), --keep-alive seconds between requests. Malformed requests get a 4xx "
+        'with {"error": {"code", "message"}}.'
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--backend", default="gibbs", help="Registered sampler backend.")
     parser.add_argument(
         "--backend-kwargs", type=json.loads, default=None, help="JSON dict for the backend."
@@ -34,10 +51,64 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-no-token", action="store_true", help="Serve without authentication."
     )
-    parser.add_argument("--max-spins", type=int, default=2048, help="Most units per problem.")
-    parser.add_argument("--max-reads", type=int, default=10_000, help="Most reads per request.")
-    parser.add_argument(
-        "--max-payload-mb", type=float, default=64.0, help="Largest request body in MiB."
+    d = _DEFAULTS
+    limit = parser.add_argument_group("limits (defaults in brackets)")
+    limit.add_argument(
+        "--max-spins", type=int, default=d.max_spins, help="Most units per problem [%(default)s]."
+    )
+    limit.add_argument(
+        "--max-reads", type=int, default=d.max_reads, help="Most reads per request [%(default)s]."
+    )
+    limit.add_argument(
+        "--max-payload-mb",
+        type=float,
+        default=d.max_payload_bytes / 2**20,
+        help="Largest request body in MiB [%(default)s].",
+    )
+    limit.add_argument(
+        "--max-work",
+        type=int,
+        default=d.max_work,
+        help="Most spin updates (units x reads x sweeps per read) per request [%(default)s].",
+    )
+    limit.add_argument(
+        "--deadline",
+        type=float,
+        default=d.deadline_seconds,
+        help="Seconds a request may take in the service, queue included [%(default)s].",
+    )
+    limit.add_argument(
+        "--workers", type=int, default=d.workers, help="Sampling threads [%(default)s]."
+    )
+    limit.add_argument(
+        "--max-queue",
+        type=int,
+        default=d.max_queue,
+        help="Requests in progress before 429 [%(default)s].",
+    )
+    limit.add_argument(
+        "--max-connections",
+        type=int,
+        default=d.max_connections,
+        help="Open connections (capped by ulimit -n minus 64) [%(default)s].",
+    )
+    limit.add_argument(
+        "--header-timeout",
+        type=float,
+        default=d.header_timeout,
+        help="Seconds to send a request head [%(default)s].",
+    )
+    limit.add_argument(
+        "--body-timeout",
+        type=float,
+        default=d.body_timeout,
+        help="Seconds to send a request body [%(default)s].",
+    )
+    limit.add_argument(
+        "--keep-alive",
+        type=float,
+        default=d.keep_alive_timeout,
+        help="Seconds an idle connection stays open between requests [%(default)s].",
     )
     parser.add_argument(
         "--device", default="cpu", help="Torch device of the backend, e.g. cuda (default: cpu)."
@@ -59,9 +130,8 @@ def _is_loopback(host: str) -> bool:
 def run_serve(args: argparse.Namespace) -> int:
     """Run the sampling service until interrupted; 2 on a configuration error."""
     try:
-        import uvicorn
-
-        from ._app import ServiceLimits, create_app
+        from ._app import create_app
+        from ._server import make_server
     except ImportError as err:
         print(
             f"scqbm serve-sampler needs FastAPI and uvicorn ({err}): {_INSTALL_HINT}",
@@ -74,6 +144,14 @@ def run_serve(args: argparse.Namespace) -> int:
             max_spins=args.max_spins,
             max_reads=args.max_reads,
             max_payload_bytes=int(args.max_payload_mb * 2**20),
+            max_work=args.max_work,
+            deadline_seconds=args.deadline,
+            workers=args.workers,
+            max_queue=args.max_queue,
+            max_connections=args.max_connections,
+            header_timeout=args.header_timeout,
+            body_timeout=args.body_timeout,
+            keep_alive_timeout=args.keep_alive,
         )
         app = create_app(
             args.backend,
@@ -97,15 +175,20 @@ def run_serve(args: argparse.Namespace) -> int:
     print(
         f"scqbm serve-sampler: backend {args.backend!r} on {scheme}://{args.host}:{args.port} "
         f"({auth}; limits: {limits.max_spins} spins, {limits.max_reads} reads, "
-        f"{limits.max_payload_bytes} bytes)",
+        f"{limits.max_payload_bytes} bytes, {limits.max_work} spin updates, "
+        f"{limits.deadline_seconds:g} s; {limits.workers} workers, queue {limits.max_queue}, "
+        f"{limits.connection_cap()} connections)",
         flush=True,
     )
-    uvicorn.run(
+    server = make_server(
         app,
+        limits,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
     )
+    server.run()
+    app.state.pool.close()
     return 0

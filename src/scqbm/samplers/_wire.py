@@ -1,4 +1,7 @@
-"""Wire format of the sampling service, shared by the server and the ``remote`` client.
+"""Wire format of the sampling service, shared by the ``remote`` client and the server.
+
+It lives next to the client (``samplers/``) so that the service package depends on the
+samplers and never the other way round.
 
 ``POST /v1/sample`` takes a JSON object ``{"h": ARRAY, "W": ARRAY, "num_reads": int,
 "n_visible": int | null}`` and answers ``{"samples": BITS, "info": {...}}``. An ``ARRAY`` is
@@ -45,7 +48,7 @@ def decode_array(value, name: str) -> np.ndarray:
     if isinstance(value, list):
         try:
             return np.asarray(value, dtype=np.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError, RecursionError):
             raise ProtocolError(
                 f"`{name}` must be a rectangular list of numbers or an encoded array."
             ) from None
@@ -54,12 +57,12 @@ def decode_array(value, name: str) -> np.ndarray:
             f"`{name}` must be a list of numbers or an object with exactly the keys 'dtype', "
             "'shape' and 'data'."
         )
-    dtype = _DTYPES.get(value["dtype"])
+    dtype = _DTYPES.get(value["dtype"]) if isinstance(value["dtype"], str) else None
     if dtype is None:
         raise ProtocolError(f"`{name}.dtype` must be one of {sorted(_DTYPES)}.")
     shape = value["shape"]
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise ProtocolError(f"`{name}.shape` must be a list of non-negative integers.")
+    if not (isinstance(shape, list) and len(shape) <= 2 and all(_is_count(d) for d in shape)):
+        raise ProtocolError(f"`{name}.shape` must be a list of at most 2 non-negative integers.")
     if not isinstance(value["data"], str):
         raise ProtocolError(f"`{name}.data` must be a base64 string.")
     try:
@@ -75,6 +78,10 @@ def decode_array(value, name: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float64)
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def encode_bits(samples) -> dict:
     """0/1 samples ``(k, n)`` packed eight per byte."""
     samples = np.asarray(samples)
@@ -82,12 +89,34 @@ def encode_bits(samples) -> dict:
     return {"shape": list(samples.shape), "data": base64.b64encode(packed.tobytes()).decode()}
 
 
-def decode_bits(value) -> np.ndarray:
-    """Unpack ``encode_bits`` output to a float64 array of 0/1 values."""
+def decode_bits(value, shape: tuple[int, int]) -> np.ndarray:
+    """Unpack ``encode_bits`` output of the expected ``shape`` to a float64 array of 0/1.
+
+    Strict: the declared shape must be two integers equal to ``shape``, the data valid
+    base64 of exactly ``rows * ceil(cols / 8)`` bytes, and the padding bits of each row zero.
+    Anything else raises :class:`ProtocolError`.
+    """
+    if not isinstance(value, dict) or set(value) != {"shape", "data"}:
+        raise ProtocolError("`samples` must be an object with exactly the keys 'shape', 'data'.")
+    declared = value["shape"]
+    if not (isinstance(declared, list) and len(declared) == 2 and all(map(_is_count, declared))):
+        raise ProtocolError(f"`samples.shape` must be two non-negative integers: {declared!r}.")
+    if tuple(declared) != tuple(shape):
+        raise ProtocolError(f"`samples.shape` is {declared}; {list(shape)} were asked for.")
+    if not isinstance(value["data"], str):
+        raise ProtocolError("`samples.data` must be a base64 string.")
     try:
-        rows, cols = (int(d) for d in value["shape"])
-        packed = np.frombuffer(base64.b64decode(value["data"], validate=True), dtype=np.uint8)
-        bits = np.unpackbits(packed.reshape(rows, -1), axis=-1, count=cols)
-    except (KeyError, TypeError, ValueError, binascii.Error) as err:
-        raise ProtocolError(f"Malformed samples in the service's answer: {err}") from None
-    return bits.astype(np.float64)
+        raw = base64.b64decode(value["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("`samples.data` is not valid base64.") from None
+    rows, cols = shape
+    row_bytes = -(-cols // 8)
+    if len(raw) != rows * row_bytes:
+        raise ProtocolError(
+            f"`samples.data` has {len(raw)} bytes; shape {list(shape)} needs {rows * row_bytes}."
+        )
+    packed = np.frombuffer(raw, dtype=np.uint8).reshape(rows, row_bytes)
+    bits = np.unpackbits(packed, axis=-1)
+    if bits[:, cols:].any():
+        raise ProtocolError("`samples.data` has bits set beyond the last unit of a row.")
+    return bits[:, :cols].astype(np.float64)
