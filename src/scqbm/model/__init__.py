@@ -1,6 +1,8 @@
 # scvi-tools 1.4.2 prints registries with `rich.pretty` without importing it.
 import rich.pretty  # noqa: F401
 
+from ._from_scvi_guard import NotAnSCVIModelError
+from ._qbmscanvi import QBMSCANVI
 from ._qbmvae import QBMVAE
 
-__all__ = ["QBMVAE"]
+__all__ = ["QBMSCANVI", "QBMVAE", "NotAnSCVIModelError"]

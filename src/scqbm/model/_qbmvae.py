@@ -38,6 +38,8 @@ from scqbm.prior import LogPartitionEstimate
 from scqbm.samplers import GibbsSampler
 from scqbm.train import QBMTrainingPlan
 
+from ._from_scvi_guard import refuse_scvi_initialiser
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -251,6 +253,13 @@ class QBMVAE(
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
+
+    def _check_if_trained(self, warn: bool = True, message: str | None = None):
+        # scvi's `from_scvi_model` initialisers call this first: refuse them by name.
+        if message is None:
+            return super()._check_if_trained(warn=warn)
+        refuse_scvi_initialiser(self, message)
+        return super()._check_if_trained(warn=warn, message=message)
 
     # ---------------------------------------------------------------- queries
     def _posterior_outputs(
