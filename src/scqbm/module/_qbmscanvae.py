@@ -32,6 +32,13 @@ class QBMSCANVAEModule(QBMVAEModule):
     every encoder unit (a spike-and-exponential sample is exactly 0 with probability ``1 - q``,
     and gives no gradient there).
 
+    The classifier normalises its hidden layer per cell (layer norm) instead of per batch: the
+    posterior probabilities of a freshly trained QBMVAE differ little between cells (a few
+    hundredths per unit), and batch norm rescales them with the minibatch's statistics in
+    training but with lagging running statistics (momentum 0.01) at prediction, so that train
+    and predict disagree (on a separable synthetic set: 99% training accuracy, 43% predicted).
+    Layer norm computes the same thing in both modes.
+
     Parameters
     ----------
     n_input
@@ -44,7 +51,8 @@ class QBMSCANVAEModule(QBMVAEModule):
         A single linear layer instead of an MLP (as in :class:`scvi.module.SCANVAE`).
     classifier_parameters
         Keyword arguments of :class:`scvi.module.Classifier` (``n_hidden``, ``n_layers``,
-        ``dropout_rate``, ...).
+        ``dropout_rate``, ``use_batch_norm`` (default ``False``), ``use_layer_norm`` (default
+        ``True``), ...).
     **kwargs
         :class:`~scqbm.module.QBMVAEModule` arguments.
 
@@ -70,6 +78,9 @@ class QBMSCANVAEModule(QBMVAEModule):
             "n_hidden": 0 if linear_classifier else kwargs.get("n_hidden", 128),
             "dropout_rate": kwargs.get("dropout_rate", 0.1),
             "logits": True,
+            # Layer norm, not batch norm: see the class docstring.
+            "use_batch_norm": False,
+            "use_layer_norm": True,
             **(classifier_parameters or {}),
         }
         self.classifier = Classifier(self.n_latent, n_labels=self.n_classes, **params)
