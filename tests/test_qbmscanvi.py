@@ -156,6 +156,16 @@ def test_query_mapping_of_unlabelled_cells(trained, tmp_path):
     predicted = mapped.predict()
     assert predicted.shape == (query.n_obs,)
     assert (predicted == query.obs["cell_type"].to_numpy()).mean() > 0.8
+    assert mapped.registry["setup_args"] == {**model.registry["setup_args"]}
+
+
+def test_query_without_a_labels_column(trained):
+    model, _ = trained
+    query = separable_adata(n_cells=60, seed=2)
+    del query.obs["labels"]  # scvi marks every cell of such a query as unlabelled
+    mapped = scqbm.QBMSCANVI.load_query_data(query, model)
+    assert len(mapped._unlabeled_indices) == query.n_obs
+    assert mapped.predict().shape == (query.n_obs,)
 
 
 def test_from_scvi_model_alias_and_errors(qbmvae):

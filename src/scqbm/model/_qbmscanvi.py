@@ -189,21 +189,27 @@ class QBMSCANVI(SemisupervisedTrainingMixin, QBMVAE):
         %(param_cont_cov_keys)s
 
         """
+        setup_method_args = cls._get_setup_method_args(**locals())  # before any other local
         if labels_key is None:
             raise ValueError(
                 "QBMSCANVI needs `labels_key`: the obs column with cell labels, where "
                 "`unlabeled_category` marks the cells to predict."
             )
+        # scArches query mapping (`load_query_data`) may omit the labels column: scvi then
+        # marks every query cell as unlabelled.
+        if kwargs.get("allow_missing_labels", False) and labels_key not in adata.obs:
+            checked_labels_key = None
+        else:
+            checked_labels_key = labels_key
         check_obs_keys(
             adata,
             batch_key=batch_key,
-            labels_key=labels_key,
+            labels_key=checked_labels_key,
             size_factor_key=size_factor_key,
             categorical_covariate_keys=categorical_covariate_keys,
             continuous_covariate_keys=continuous_covariate_keys,
         )
         check_expression(adata, layer)
-        setup_method_args = cls._get_setup_method_args(**locals())
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
