@@ -24,6 +24,7 @@ logger = logging.getLogger("scqbm")
 # public name -> (module, attribute or None for the module itself)
 _LAZY = {
     "QBMVAE": ("scqbm.model", "QBMVAE"),
+    "QBMSCANVI": ("scqbm.model", "QBMSCANVI"),
     "QBMVAEModule": ("scqbm.module", "QBMVAEModule"),
     "QBMTrainingPlan": ("scqbm.train", "QBMTrainingPlan"),
     "datasets": ("scqbm.datasets", None),
@@ -48,6 +49,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "QBMSCANVI",
     "QBMVAE",
     "QBMTrainingPlan",
     "QBMVAEModule",

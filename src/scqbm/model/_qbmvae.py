@@ -59,6 +59,8 @@ from scqbm.module import QBMVAEModule
 from scqbm.prior import LogPartitionEstimate
 from scqbm.train import QBMTrainingPlan
 
+from ._from_scvi_guard import refuse_scvi_initialiser
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -334,6 +336,13 @@ class QBMVAE(
             check_model_data(self.adata.n_obs)
         with restore_on_failure(self, kwargs):
             return super().train(*args, datamodule=datamodule, **kwargs)
+
+    def _check_if_trained(self, warn: bool = True, message: str | None = None):
+        # scvi's `from_scvi_model` initialisers call this first: refuse them by name.
+        if message is None:
+            return super()._check_if_trained(warn=warn)
+        refuse_scvi_initialiser(self, message)
+        return super()._check_if_trained(warn=warn, message=message)
 
     # ---------------------------------------------------------------- queries
     def _posterior_outputs(

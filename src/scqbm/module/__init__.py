@@ -1,3 +1,4 @@
+from ._qbmscanvae import QBMSCANVAEModule
 from ._qbmvae import QBMVAEModule
 
-__all__ = ["QBMVAEModule"]
+__all__ = ["QBMSCANVAEModule", "QBMVAEModule"]

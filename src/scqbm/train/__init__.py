@@ -1,3 +1,4 @@
 from ._plan import QBMTrainingPlan
+from ._semisupervised_plan import QBMSemiSupervisedTrainingPlan
 
-__all__ = ["QBMTrainingPlan"]
+__all__ = ["QBMSemiSupervisedTrainingPlan", "QBMTrainingPlan"]
