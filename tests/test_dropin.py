@@ -209,7 +209,9 @@ def test_legacy_save_layout_converts_and_loads(trained, adata, tmp_path):
     with open(legacy / "attr.pkl", "wb") as handle:
         pickle.dump(attributes, handle)
     QBMVAE.convert_legacy_save(str(legacy), str(tmp_path / "converted"))
-    loaded = QBMVAE.load(str(tmp_path / "converted"), adata=adata)
+    loaded = QBMVAE.load(  # converted files carry no manifest: trusted, unverified
+        str(tmp_path / "converted"), adata=adata, allow_unverified=True
+    )
     np.testing.assert_array_equal(
         loaded.get_latent_representation(), trained.get_latent_representation()
     )

@@ -76,9 +76,10 @@ def test_latent_representation_variants(trained, adata):
     many = np.mean([trained.get_latent_representation(give_mean=False) for _ in range(50)], 0)
     assert np.abs(many - mean).max() < 5 * 0.5 / np.sqrt(50)
     relaxed_mean = trained.get_latent_representation(representation="relaxed")
+    beta = trained.module.beta
     np.testing.assert_allclose(
-        relaxed_mean, mean * (1 - 1 / 10.0 + 1 / np.expm1(10.0)), rtol=1e-5
-    )  # spike-and-exponential, beta=10: E[zeta] = q (1 - E[exp tail])
+        relaxed_mean, mean * (1 - 1 / beta + 1 / np.expm1(beta)), rtol=1e-5
+    )  # spike-and-exponential: E[zeta] = q (1 - E[exp tail])
     with pytest.raises(ValueError, match="is the posterior mean"):
         trained.get_latent_representation(give_mean=False, representation="probabilities")
     relaxed = trained.get_latent_representation(give_mean=False, representation="relaxed")

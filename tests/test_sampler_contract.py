@@ -69,7 +69,9 @@ def chain_owner(sampler: BoltzmannSampler) -> PersistentChainSampler | None:
 
 def test_every_registered_backend_is_covered():
     covered = {name for name, *_ in BACKENDS} | {"remote"}  # remote: the service's tests
-    assert set(available_samplers()) <= covered
+    # Other test modules register failing stand-ins in the same process; they are no backend.
+    shipped = {name for name in available_samplers() if not name.startswith("failing")}
+    assert shipped <= covered
 
 
 @pytest.mark.parametrize(

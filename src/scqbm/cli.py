@@ -122,7 +122,7 @@ def _check_out(args) -> bool:
 
 def _check_args(adata, args) -> None:
     """Every flag that names data must name something in the input; one line otherwise."""
-    from scqbm._validation import InvalidInputError, check_counts, get_layer
+    from scqbm._validation import InvalidInputError, get_layer, scan_expression
 
     for flag, key in (("--batch-key", args.batch_key), ("--labels-key", args.labels_key)):
         if key is not None and key not in adata.obs:
@@ -148,13 +148,15 @@ def _check_args(adata, args) -> None:
     if args.gene_likelihood != "normal":
         where = "X" if args.layer is None else f"layer {args.layer!r}"
         try:
-            check_counts(get_layer(adata, args.layer), args.gene_likelihood)
-        except InvalidInputError:
+            is_integer = scan_expression(get_layer(adata, args.layer), where).is_integer
+        except InvalidInputError as err:
+            raise UsageError(f"{err} (check --layer)") from None
+        if not is_integer:
             raise UsageError(
                 f"{where} holds non-integer values, but --gene-likelihood "
                 f"{args.gene_likelihood} needs raw counts: pass --layer NAME with the raw "
                 "counts, or --gene-likelihood normal for log-normalised data."
-            ) from None
+            )
 
 
 def _select_genes(adata, args):
