@@ -307,7 +307,10 @@ class BoltzmannPrior(nn.Module):
         if bound <= self.log_z_tolerance or self.exact or samples is None:
             return bound
         z = samples.detach().to(self.h.dtype)
-        delta_energy = self.energy(z) - boltzmann_energy(z, self._ref_h, self._reference_matrix())
+        # E is linear in (h, W): one energy under the parameter change, not two energies.
+        delta_energy = boltzmann_energy(
+            z, self.h - self._ref_h, self.coupling_matrix() - self._reference_matrix()
+        )
         change = torch.logsumexp(delta_energy, 0) - math.log(delta_energy.shape[0])
         return min(bound, abs(float(change)))
 
@@ -347,7 +350,11 @@ class BoltzmannPrior(nn.Module):
         else:
             log_z = self.current_log_z()
             if negative_samples is not None:
-                surrogate = -self.energy(negative_samples, W).mean()
+                # The samples' mean energy from their first and second moments: the same value
+                # and gradient as averaging per-sample energies, without a backward matmul.
+                z = negative_samples.detach().to(W.dtype)
+                second_moment = z.T @ z / z.shape[0]
+                surrogate = z.mean(0) @ self.h + (W * second_moment).sum()  # = -mean E(z_s)
                 log_z = log_z + (surrogate - surrogate.detach())
         return -bernoulli_entropy(logits) + self.expected_energy(probs, W) + log_z
 

@@ -326,12 +326,16 @@ class CalibratedSampler(BoltzmannSampler):
         self.calls.add_(1)
         scale = float(self.scale)
         if not due:
-            result = self.backend.sample(scale * h, scale * W, num_reads, n_visible=n_visible)
+            result = self.backend.sample(
+                scale * h, scale * W, num_reads, n_visible=n_visible, check=False
+            )
             return result.samples, {**self._backend_info(result), "effective_beta": 1.0 / scale}
         history: list[tuple[float, float]] = []
         informative = converged = False
         for _ in range(self.max_iter):
-            result = self.backend.sample(scale * h, scale * W, num_reads, n_visible=n_visible)
+            result = self.backend.sample(
+                scale * h, scale * W, num_reads, n_visible=n_visible, check=False
+            )
             b = self.estimate(result.samples, h, W, n_visible)
             se = self._standard_error(result.samples, h, W)
             history.append((scale, b))

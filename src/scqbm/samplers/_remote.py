@@ -349,7 +349,7 @@ class RemoteSampler(BoltzmannSampler):
                 reason,
                 self.fallbacks,
             )
-        result = self.fallback.sample(h, W, num_reads, n_visible=n_visible)
+        result = self.fallback.sample(h, W, num_reads, n_visible=n_visible, check=False)
         info = {k: v for k, v in result.info.items() if k not in ("seconds", "sampler")}
         return result.samples, {**info, "backend": "gibbs", "fallback": 1, "url": self.url}
 
