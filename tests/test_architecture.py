@@ -17,6 +17,8 @@ PACKAGE = "scqbm"
 #: rank. ``scqbm`` itself (the lazy facade) sits on top.
 LAYERS = {
     "_validation": 0,
+    # The private scvi-tools names (scvi-tools only, no scqbm import).
+    "_compat": 0,
     "nn": 0,
     "prior": 1,
     "samplers": 2,

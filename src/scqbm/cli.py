@@ -133,7 +133,7 @@ def _check_args(adata, args) -> None:
     if args.layer is not None and args.layer not in adata.layers:
         raise UsageError(
             f"--layer {args.layer!r} is not a layer of the input (available: "
-            f"{list(adata.layers) or 'none'}); omit --layer to use X."
+            f"{[k for k in adata.layers if k is not None] or 'none'}); omit --layer to use X."
         )
     if args.genes_key is not None and args.genes_key not in adata.var:
         raise UsageError(

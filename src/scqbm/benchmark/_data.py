@@ -75,7 +75,8 @@ def _prepare(
     adata.X = counts.copy()
     sc.pp.filter_genes(adata, min_counts=1)
     sc.pp.filter_cells(adata, min_counts=1)
-    for key in list(adata.layers):
+    # anndata >= 0.13 lists X itself as `layers[None]`: only named layers are dropped.
+    for key in [key for key in adata.layers if key is not None]:
         del adata.layers[key]
     adata.layers["counts"] = adata.X.copy()
     sc.pp.normalize_total(adata, target_sum=1e4)

@@ -156,7 +156,7 @@ def per_cell_elbo_terms(model, adata: AnnData, batch_size: int = 1024) -> dict[s
     Dict with ``reconstruction_ll``, ``kl_z`` and ``elbo`` arrays of shape ``(n_cells,)``.
 
     """
-    from scvi.module._constants import MODULE_KEYS
+    from scqbm._compat import MODULE_KEYS
 
     model.module.eval()
     rec, kl_z, kl_l = [], [], []
@@ -174,7 +174,7 @@ def per_cell_elbo_terms(model, adata: AnnData, batch_size: int = 1024) -> dict[s
 def _train_scvi_like(cls, adata, batch_key, seed, training, model_kwargs, extra=None):
     import warnings
 
-    from scvi.model._utils import get_max_epochs_heuristic
+    from scqbm._compat import get_max_epochs_heuristic
 
     from ._training import clear_run_state, make_callback, resume_checkpoint, train_kwargs_of
 

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
-from scvi.module._constants import MODULE_KEYS
+
+from scqbm._compat import MODULE_KEYS
 
 
 def torch_seeded_rng() -> np.random.Generator:

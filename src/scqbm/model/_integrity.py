@@ -36,6 +36,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from scqbm._compat import FIELD_REGISTRIES_KEY
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
@@ -255,10 +257,10 @@ def scvi_loads_from(model: dict, dir_path: str, prefix: str | None) -> Iterator[
     through to the original.
     """
     import anndata
-    from scvi.model.base import _archesmixin, _base_model
 
-    modules = (_base_model, _archesmixin)
-    original = _base_model._load_saved_files
+    from scqbm._compat import SAVED_FILE_READERS as modules
+    from scqbm._compat import load_saved_files as original
+
     target = os.path.abspath(os.fspath(dir_path))
 
     def load_saved_files(path, load_adata, prefix=prefix, map_location=None, backup_url=None):
@@ -339,7 +341,7 @@ def saving_safely(model) -> Iterator[list[str]]:
 
 
 # weights_only cannot rebuild a defaultdict; scvi's registry holds one at the top.
-_DEFAULTDICT_KEYS = ("field_registries",)
+_DEFAULTDICT_KEYS = (FIELD_REGISTRIES_KEY,)
 
 
 def _registry_to_plain(registry: dict) -> dict:

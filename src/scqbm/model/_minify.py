@@ -11,10 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from scvi import REGISTRY_KEYS
-from scvi.data import _constants
-from scvi.data._constants import ADATA_MINIFY_TYPE
 from scvi.model.utils import get_minified_adata_scrna
 
+from scqbm._compat import ADATA_MINIFY_TYPE, ADATA_MINIFY_TYPE_UNS_KEY, SCVI_UUID_KEY
 from scqbm._validation import row_totals
 
 #: obsm key of the stored logits in a minified AnnData.
@@ -57,8 +56,8 @@ def minify(model, minified_data_type: str, use_latent_qzm_key: str | None) -> No
         adata_manager=model.adata_manager,
         keep_count_data=minified_data_type == ADATA_MINIFY_TYPE.LATENT_POSTERIOR_WITH_COUNTS,
     )
-    del mini.uns[_constants._SCVI_UUID_KEY]
-    mini.uns[_constants._ADATA_MINIFY_TYPE_UNS_KEY] = minified_data_type
+    del mini.uns[SCVI_UUID_KEY]
+    mini.uns[ADATA_MINIFY_TYPE_UNS_KEY] = minified_data_type
     mini.obsm[LOGITS_KEY] = logits
     mini.obs[model._OBSERVED_LIB_SIZE_KEY] = row_totals(counts)
     model._update_adata_and_manager_post_minification(mini, minified_data_type)

@@ -21,6 +21,7 @@ from scvi.dataloaders import SemiSupervisedDataSplitter
 from scvi.model.base import SemisupervisedTrainingMixin
 from scvi.utils import setup_anndata_dsp
 
+from scqbm._compat import FIELD_REGISTRIES_KEY, SETUP_ARGS_KEY, STATE_REGISTRY_KEY
 from scqbm._validation import check_expression, check_obs_keys
 from scqbm.module import QBMSCANVAEModule
 from scqbm.train import QBMSemiSupervisedTrainingPlan
@@ -151,7 +152,7 @@ class QBMSCANVI(SemisupervisedTrainingMixin, QBMVAE):
             self._set_indices_and_labels()
             return
         # `load` without data: the registry has the mapping; `labels_` is restored by `load`.
-        state = self.registry_["field_registries"][REGISTRY_KEYS.LABELS_KEY]["state_registry"]
+        state = self.registry_[FIELD_REGISTRIES_KEY][REGISTRY_KEYS.LABELS_KEY][STATE_REGISTRY_KEY]
         self.original_label_key = state["original_key"]
         self.unlabeled_category_ = state["unlabeled_category"]
         self._label_mapping = state["categorical_mapping"]
@@ -283,7 +284,7 @@ class QBMSCANVI(SemisupervisedTrainingMixin, QBMVAE):
             raise ValueError(
                 "The QBMVAE uses dispersion='gene-label', which QBMSCANVI does not support."
             )
-        setup_args = deepcopy(qbmvae_model.registry["setup_args"])
+        setup_args = deepcopy(qbmvae_model.registry[SETUP_ARGS_KEY])
         labels_key = labels_key or setup_args.get("labels_key")
         if labels_key is None:
             raise ValueError(

@@ -13,8 +13,6 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
-from scvi.data._constants import _ADATA_MINIFY_TYPE_UNS_KEY, ADATA_MINIFY_TYPE
-from scvi.data._utils import _get_adata_minify_type
 from scvi.data.fields import (
     CategoricalJointObsField,
     CategoricalObsField,
@@ -24,7 +22,6 @@ from scvi.data.fields import (
     ObsmField,
     StringUnsField,
 )
-from scvi.model._utils import _get_batch_code_from_category
 from scvi.model.base import (
     ArchesMixin,
     BaseMinifiedModeModelClass,
@@ -33,9 +30,20 @@ from scvi.model.base import (
     UnsupervisedTrainingMixin,
     VAEMixin,
 )
-from scvi.module._constants import MODULE_KEYS
 from scvi.utils import setup_anndata_dsp
 
+from scqbm._compat import (
+    ADATA_MINIFY_TYPE,
+    ADATA_MINIFY_TYPE_UNS_KEY,
+    FIELD_REGISTRIES_KEY,
+    MODULE_KEYS,
+    N_CATS_PER_KEY,
+    SETUP_ARGS_KEY,
+    STATE_REGISTRY_KEY,
+    get_adata_minify_type,
+    get_batch_code_from_category,
+    load_saved_files,
+)
 from scqbm._validation import (
     check_expression,
     check_model_data,
@@ -201,11 +209,11 @@ class QBMVAE(
                 f"(beta={beta}), sampler: {sampler}, log_partition: {log_partition}."
             )
             # A registry from setup_anndata or from a custom data module (setup_datamodule).
-            registry_ = self.registry_["field_registries"]
-            cat_state = registry_.get(REGISTRY_KEYS.CAT_COVS_KEY, {}).get("state_registry")
-            n_cats_per_cov = tuple(cat_state["n_cats_per_key"]) if cat_state else None
+            registry_ = self.registry_[FIELD_REGISTRIES_KEY]
+            cat_state = registry_.get(REGISTRY_KEYS.CAT_COVS_KEY, {}).get(STATE_REGISTRY_KEY)
+            n_cats_per_cov = tuple(cat_state[N_CATS_PER_KEY]) if cat_state else None
             n_batch = self.summary_stats.n_batch
-            use_size_factor_key = self.registry_["setup_args"].get(
+            use_size_factor_key = self.registry_[SETUP_ARGS_KEY].get(
                 f"{REGISTRY_KEYS.SIZE_FACTOR_KEY}_key"
             )
             library_log_means, library_log_vars = None, None
@@ -296,7 +304,7 @@ class QBMVAE(
         )
         check_numeric_obs(adata, continuous_covariate_keys, size_factor_key)
         setup_method_args = cls._get_setup_method_args(**locals())  # before new locals
-        minify_type = _get_adata_minify_type(adata)
+        minify_type = get_adata_minify_type(adata)
         if minify_type is None:  # a minified AnnData has no counts left to check
             check_expression(adata, layer)
         anndata_fields = [
@@ -669,7 +677,7 @@ class QBMVAE(
     ):
         adata = self._validate_anndata(adata)
         indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
-        batches = _get_batch_code_from_category(
+        batches = get_batch_code_from_category(
             self.get_anndata_manager(adata, required=True), transform_batch
         )
         if len(batches) > 1:
@@ -795,7 +803,7 @@ class QBMVAE(
             ObsmField(REGISTRY_KEYS.LATENT_QZM_KEY, cls._LATENT_QZM_KEY),
             ObsmField(REGISTRY_KEYS.LATENT_QZV_KEY, cls._LATENT_QZV_KEY),
             NumericalObsField(REGISTRY_KEYS.OBSERVED_LIB_SIZE, cls._OBSERVED_LIB_SIZE_KEY),
-            StringUnsField(REGISTRY_KEYS.MINIFY_TYPE_KEY, _ADATA_MINIFY_TYPE_UNS_KEY),
+            StringUnsField(REGISTRY_KEYS.MINIFY_TYPE_KEY, ADATA_MINIFY_TYPE_UNS_KEY),
         ]
 
     # ----------------------------------------------------------- load / query
@@ -803,9 +811,7 @@ class QBMVAE(
     def _saved_var_names(dir_path: str, prefix: str | None, allow_unverified: bool = False):
         model = _integrity.load_checked(dir_path, prefix, allow_unverified)
         if model is None:  # unverified, as the caller allowed: scvi-tools' own reader
-            from scvi.model.base._save_load import _load_saved_files
-
-            return _load_saved_files(dir_path, False, prefix=prefix, map_location="cpu")[1]
+            return load_saved_files(dir_path, False, prefix=prefix, map_location="cpu")[1]
         return model["var_names"]
 
     def save(self, dir_path: str, prefix: str | None = None, **kwargs) -> str:
@@ -891,8 +897,8 @@ class QBMVAE(
             elif reference_model.adata is not None:
                 saved = reference_model.adata.var_names
             else:  # trained from a data module: the registry holds the genes
-                saved = reference_model.registry_["field_registries"][REGISTRY_KEYS.X_KEY][
-                    "state_registry"
+                saved = reference_model.registry_[FIELD_REGISTRIES_KEY][REGISTRY_KEYS.X_KEY][
+                    STATE_REGISTRY_KEY
                 ]["column_names"]
             match_genes(saved, adata, "QBMVAE.load_query_data")
         if isinstance(reference_model, str | os.PathLike):

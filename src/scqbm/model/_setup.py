@@ -9,11 +9,12 @@ import numpy as np
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 
+from scqbm._compat import MANAGER_UUID_KEY, SCVI_KEY_PREFIX, SCVI_UUID_KEY, SETUP_ARGS_KEY
 from scqbm._validation import row_totals
 
 # What scvi-tools' setup_anndata writes into an AnnData (1.4 and 1.5).
-_SCVI_PREFIX = "_scvi_"
-_UNS_KEYS = ("_scvi_uuid", "_scvi_manager_uuid")
+_SCVI_PREFIX = SCVI_KEY_PREFIX
+_UNS_KEYS = (SCVI_UUID_KEY, MANAGER_UUID_KEY)
 # State before each setup, by the manager uuid that setup wrote (small: names and two ids).
 _SNAPSHOTS: dict[str, dict] = {}
 # Setups undone after a failed model construction, by id(adata): (weak reference, setup args),
@@ -53,7 +54,7 @@ def restore_setup(adata: AnnData, snapshot: dict) -> None:
 
 def remember_setup(adata: AnnData, snapshot: dict) -> None:
     """Keep ``snapshot`` for the setup that was just written into ``adata``."""
-    _SNAPSHOTS[adata.uns["_scvi_manager_uuid"]] = snapshot
+    _SNAPSHOTS[adata.uns[MANAGER_UUID_KEY]] = snapshot
 
 
 def undo_setup(model_cls, adata: AnnData) -> bool:
@@ -61,16 +62,16 @@ def undo_setup(model_cls, adata: AnnData) -> bool:
 
     Returns whether there was anything to undo.
     """
-    uuid = adata.uns.get("_scvi_uuid")
-    snapshot = _SNAPSHOTS.pop(adata.uns.get("_scvi_manager_uuid"), None)
+    uuid = adata.uns.get(SCVI_UUID_KEY)
+    snapshot = _SNAPSHOTS.pop(adata.uns.get(MANAGER_UUID_KEY), None)
     if snapshot is None:  # not set up by us: nothing of ours to undo
         return False
     manager = model_cls._setup_adata_manager_store.get(uuid)
     restore_setup(adata, snapshot)
-    if "_scvi_uuid" not in snapshot["uns"]:
+    if SCVI_UUID_KEY not in snapshot["uns"]:
         model_cls._setup_adata_manager_store.pop(uuid, None)
         if manager is not None:
-            setup_args = dict(manager._registry.get("setup_args", {}))
+            setup_args = dict(manager.registry.get(SETUP_ARGS_KEY, {}))
             _UNDONE[id(adata)] = (weakref.ref(adata), setup_args)
     return True
 
@@ -78,7 +79,7 @@ def undo_setup(model_cls, adata: AnnData) -> bool:
 def redo_undone_setup(model_cls, adata: AnnData) -> None:
     """Set ``adata`` up again as it was before a failed model construction undid it."""
     entry = _UNDONE.pop(id(adata), None)
-    if entry is None or entry[0]() is not adata or "_scvi_uuid" in adata.uns:
+    if entry is None or entry[0]() is not adata or SCVI_UUID_KEY in adata.uns:
         return
     logger.info("Setting the AnnData up again with %s (undone after the last error).", entry[1])
     model_cls.setup_anndata(adata, **entry[1])

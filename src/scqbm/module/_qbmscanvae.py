@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.module import Classifier
-from scvi.module._constants import MODULE_KEYS
 from scvi.module.base import LossOutput, auto_move_data
 from torch.nn import functional as F
+
+from scqbm._compat import MODULE_KEYS
 
 from ._qbmvae import QBMVAEModule
 

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.module import VAE
-from scvi.module._constants import MODULE_KEYS
 from scvi.module.base import LossOutput, auto_move_data
 from torch.distributions import Normal
 
+from scqbm._compat import MODULE_KEYS, vae_encoder_trunk
 from scqbm.nn import BernoulliEncoder, make_relaxation
 from scqbm.prior import LOG_Z_TOLERANCE, BoltzmannPrior, LogPartitionEstimate
 from scqbm.samplers import DEFAULT_NUM_READS, SampleSet, make_sampler
@@ -92,7 +92,7 @@ class QBMVAEModule(VAE):
         )
         # Swap scVI's Gaussian head for Bernoulli logits, keeping the trunk (and its
         # covariate injection) exactly as SCVI builds it.
-        trunk = self.z_encoder.encoder
+        trunk = vae_encoder_trunk(self)
         self.z_encoder = BernoulliEncoder(trunk, self.n_hidden, n_latent, relaxation, beta)
         self.relaxation = relaxation
         self.beta = beta
@@ -287,10 +287,19 @@ class QBMVAEModule(VAE):
         else:
             kl_l = torch.zeros_like(kl_z)
         loss = torch.mean(reconst_loss + kl_weight * kl_z + kl_l)
+        # As scVI's loss: the latent, batches and labels for scvi's autotune metrics.
+        extra_metrics = {}
+        if self.extra_payload_autotune:
+            extra_metrics = {
+                MODULE_KEYS.Z_KEY: inference_outputs[MODULE_KEYS.Z_KEY],
+                "batch": tensors[REGISTRY_KEYS.BATCH_KEY],
+                "labels": tensors[REGISTRY_KEYS.LABELS_KEY],
+            }
         return LossOutput(
             loss=loss,
             reconstruction_loss=reconst_loss,
             kl_local={MODULE_KEYS.KL_L_KEY: kl_l, MODULE_KEYS.KL_Z_KEY: kl_z},
+            extra_metrics=extra_metrics,
         )
 
     # ------------------------------------------------------- marginal likelihood

@@ -195,20 +195,27 @@ class QBMTrainingPlan(TrainingPlan):
         self._reset_sampler_stats()
 
     # -------------------------------------------------------------- optimizer
-    def configure_optimizers(self):
-        """scvi's optimizer, with the prior's parameters moved to their own group."""
-        config = super().configure_optimizers()
-        optimizer = config["optimizer"]
-        prior_params = [p for p in self.module.prior.parameters() if p.requires_grad]
-        prior_ids = {id(p) for p in prior_params}
-        main = optimizer.param_groups[0]
-        main["params"] = [p for p in main["params"] if id(p) not in prior_ids]
-        if prior_params:
-            optimizer.add_param_group(
-                {
-                    "params": prior_params,
-                    "lr": self.lr if self.lr_prior is None else self.lr_prior,
-                    "weight_decay": self.weight_decay_prior,
-                }
-            )
-        return config
+    def get_optimizer_creator(self):
+        """scvi's optimizer creator, handed two parameter groups: the prior gets its own.
+
+        scvi-tools builds the optimizer (``optimizer="Adam"``, ``"AdamW"`` or a custom
+        ``optimizer_creator``) from whatever its ``configure_optimizers`` passes; this wrapper
+        only splits those (trainable) parameters into the network's group, with scvi's ``lr``
+        and ``weight_decay``, and the prior's, with ``lr_prior`` and ``weight_decay_prior``.
+        """
+        create = super().get_optimizer_creator()
+        prior_ids = {id(p) for p in self.module.prior.parameters()}
+
+        def create_with_prior_group(params):
+            params = list(params)
+            network = [p for p in params if id(p) not in prior_ids]
+            prior = [p for p in params if id(p) in prior_ids]
+            groups = [{"params": network}] if network else []
+            if prior:
+                lr = self.lr if self.lr_prior is None else self.lr_prior
+                groups.append(
+                    {"params": prior, "lr": lr, "weight_decay": self.weight_decay_prior}
+                )
+            return create(groups)
+
+        return create_with_prior_group
