@@ -74,3 +74,18 @@ def test_moment_surrogate_matches_per_sample_energy_gradient(structure):
     reference.backward()
     for a, b in zip(got, (p.grad for p in prior.parameters()), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_chain_state_flag_is_read_once_and_follows_loads():
+    h, W = _problem()
+    sampler = GibbsSampler(12, num_chains=8, num_sweeps=1, burn_in=50, seed=0)
+    assert sampler.sample(h, W, 8).info["sweeps"] == 51  # first use burns in
+    assert sampler.sample(h, W, 8).info["sweeps"] == 1
+    restored = GibbsSampler(12, num_chains=8, num_sweeps=1, burn_in=50, seed=0)
+    restored.load_state_dict(sampler.state_dict())
+    assert restored.sample(h, W, 8).info["sweeps"] == 1  # loaded chains are burnt in
+    restored.reset()
+    assert restored.sample(h, W, 8).info["sweeps"] == 51
+    fresh = GibbsSampler(12, num_chains=8, num_sweeps=1, burn_in=50, seed=0)
+    restored.load_state_dict(fresh.state_dict())  # chains never run: burn in again
+    assert restored.sample(h, W, 8).info["sweeps"] == 51

@@ -107,8 +107,9 @@ class QBMVAEModule(VAE):
         self.sampler_name = sampler
         self.sampler = make_sampler(sampler, n_latent, **(sampler_kwargs or {}))
         self.num_negative_samples = self._resolve_num_reads(num_negative_samples)
-        # Fraction of saturated posterior probabilities on the last training batch.
-        self.last_saturation = float("nan")
+        # Fraction of saturated posterior probabilities on the last training batch (a 0-d
+        # tensor on the module's device; None before the first training step).
+        self.last_saturation: torch.Tensor | None = None
 
     def _resolve_num_reads(self, requested: int | None) -> int:
         declared = self.sampler.properties["num_reads"]
@@ -279,7 +280,7 @@ class QBMVAEModule(VAE):
                 probs = qz.probs
                 level = SATURATION_LEVEL
                 saturated = ((probs < level) | (probs > 1.0 - level)).float().mean()
-            self.last_saturation = float(saturated)
+            self.last_saturation = saturated
         if not self.use_observed_lib_size:
             kl_l = kl_divergence(
                 inference_outputs[MODULE_KEYS.QL_KEY], generative_outputs[MODULE_KEYS.PL_KEY]

@@ -283,6 +283,9 @@ class PersistentChainSampler(BoltzmannSampler):
         self._chain_shape = tuple(chain_shape)
         self.register_buffer("state", torch.zeros(*chain_shape, num_chains, n_units))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        # Host copy of `initialized`, so that a training step reads nothing back from the
+        # device; `None` after loading a state (read the buffer once).
+        self._initialized_on_host: bool | None = False
         self._generator: torch.Generator | None = None
 
     @property
@@ -302,7 +305,7 @@ class PersistentChainSampler(BoltzmannSampler):
         if persistent:
             z = self.state.to(h.dtype)
             sweeps = self.num_sweeps
-            if not bool(self.initialized):
+            if not self._chains_initialized():
                 z = torch.rand(z.shape, generator=generator, device=h.device, dtype=h.dtype)
                 z, sweeps = z.round(), sweeps + self.burn_in
         else:
@@ -314,8 +317,19 @@ class PersistentChainSampler(BoltzmannSampler):
             # In place: rebinding a buffer inside inference mode breaks later backward passes.
             self.state.copy_(z)
             self.initialized.fill_(True)
+            self._initialized_on_host = True
         return samples.clone(), {"persistent": persistent, "sweeps": sweeps, **info}
 
     def reset(self) -> None:
         """Forget the persistent chains (they are re-initialised and burnt in on next use)."""
         self.initialized.fill_(False)
+        self._initialized_on_host = False
+
+    def _chains_initialized(self) -> bool:
+        if self._initialized_on_host is None:
+            self._initialized_on_host = bool(self.initialized)
+        return self._initialized_on_host
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._initialized_on_host = None  # the loaded chains may or may not be burnt in

@@ -65,6 +65,7 @@ class QBMTrainingPlan(TrainingPlan):
         self.log_partition_every_n_steps = log_partition_every_n_steps
         self._log_z_step = -1  # global step at which log Z was last computed
         self._log_z_refreshes = 0
+        self._max_saturation: torch.Tensor | None = None
         self._warned: set[str] = set()
         self._reset_sampler_stats()
 
@@ -146,14 +147,27 @@ class QBMTrainingPlan(TrainingPlan):
         finally:
             # Validation and query-time losses must not see stale training samples.
             self.loss_kwargs.pop("negative_samples", None)
+            # Kept on the device and read once per epoch: no host round trip per step.
             saturation = self.module.last_saturation
-            if saturation > SATURATION_WARNING:
-                self._warn_once(
-                    "saturation",
-                    f"The latent saturates: {100 * saturation:.1f}% of posterior probabilities "
-                    f"on training batch {batch_idx} (epoch {self.current_epoch}) lie beyond "
-                    "0.01/0.99; consider a smaller learning rate or a longer KL warm-up.",
+            if saturation is not None:
+                self._max_saturation = (
+                    saturation
+                    if self._max_saturation is None
+                    else torch.maximum(self._max_saturation, saturation)
                 )
+
+    def _warn_if_saturated(self) -> None:
+        if self._max_saturation is None:
+            return
+        saturation = float(self._max_saturation)
+        self._max_saturation = None
+        if saturation > SATURATION_WARNING:
+            self._warn_once(
+                "saturation",
+                f"The latent saturates: {100 * saturation:.1f}% of posterior probabilities "
+                f"on a training batch of epoch {self.current_epoch} lie beyond 0.01/0.99; "
+                "consider a smaller learning rate or a longer KL warm-up.",
+            )
 
     def _reset_sampler_stats(self) -> None:
         self._sampler_seconds = 0.0
@@ -176,6 +190,7 @@ class QBMTrainingPlan(TrainingPlan):
         Sampler wall time, fallbacks and temperature, and the log Z estimate (with its standard
         error) that the epoch's ELBOs used.
         """
+        self._warn_if_saturated()
         log = {"on_step": False, "on_epoch": True}
         # Under DDP: summed over ranks (no-ops in one process).
         summed = {**log, "sync_dist": True, "reduce_fx": "sum"}
