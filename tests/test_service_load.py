@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import socket
 import subprocess
@@ -17,8 +18,14 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from scqbm.samplers import RemoteSampler  # noqa: E402
+from scqbm.samplers import (  # noqa: E402
+    BoltzmannSampler,
+    RemoteSampler,
+    SamplerUnavailable,
+    register_sampler,
+)
 from scqbm.samplers.service import ServiceLimits, encode_array, serve_in_background  # noqa: E402
+from scqbm.samplers.service._ratelog import RateLimitedLog  # noqa: E402
 
 TOKEN = "load-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -189,6 +196,93 @@ def test_unparseable_http_gets_the_json_error_shape(quick):
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400")
     assert json.loads(body)["error"]["code"] == "bad_http"
+
+
+# ------------------------------------------------------------------- logging
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_the_rate_limited_log_counts_what_it_suppresses():
+    now = [0.0]
+    records = _Records()
+    target = logging.getLogger("scqbm.tests.ratelog")
+    target.addHandler(records)
+    target.setLevel(logging.DEBUG)
+    try:
+        log = RateLimitedLog(target, interval=10.0, clock=lambda: now[0])
+        assert log.warning("bad request from %s", "a")
+        for step in range(29):
+            now[0] = 0.3 * step
+            assert not log.warning("bad request from %s", "b")
+        assert log.warning("another message")  # messages are throttled separately
+        assert log.suppressed("bad request from %s") == 29
+        now[0] = 10.5
+        assert log.warning("bad request from %s", "c")
+        assert log.suppressed("bad request from %s") == 0
+        now[0] = 25.0
+        assert log.warning("100% sure")  # no arguments: not a format string
+        assert not log.warning("100% sure")
+        now[0] = 40.0
+        assert log.warning("100% sure")
+    finally:
+        target.removeHandler(records)
+    lines = [r.getMessage() for r in records.records]
+    assert lines == [
+        "bad request from a",
+        "another message",
+        "bad request from c (29 more like this in the last 10 s)",
+        "100% sure",
+        "100% sure (1 more like this in the last 15 s)",
+    ]
+
+
+def test_malformed_http_requests_are_logged_once_per_interval():
+    records = _Records()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    with serve_in_background("gibbs", token=TOKEN) as server:
+        uvicorn_log.addHandler(records)
+        try:
+            for _ in range(30):
+                with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                    sock.sendall(b"GARBAGE\x00\r\n\r\n")
+                    sock.settimeout(5)
+                    assert sock.recv(100).startswith(b"HTTP/1.1 400")
+        finally:
+            uvicorn_log.removeHandler(records)
+        quiet = server._server.config.http.malformed_log
+    invalid = [r for r in records.records if "Invalid HTTP request" in r.getMessage()]
+    # uvicorn alone logs one warning per request: 30 lines.
+    assert len(invalid) == 1 and quiet.suppressed("Invalid HTTP request received.") == 29
+
+
+class _Unavailable(BoltzmannSampler):
+    name = "failing_unavailable"
+
+    def __init__(self, n_units: int):
+        super().__init__()
+
+    def _sample(self, h, W, num_reads, n_visible):
+        raise SamplerUnavailable("no licence on this host")
+
+
+register_sampler(_Unavailable.name, _Unavailable)
+
+
+def test_a_backend_failing_every_request_is_logged_once_per_interval(caplog):
+    body = {"h": [0.0, 0.1], "W": [[0.0, 0.2], [0.2, 0.0]], "num_reads": 4}
+    with serve_in_background("failing_unavailable", token=TOKEN) as server:
+        with caplog.at_level(logging.ERROR, logger="scqbm.samplers.service._app"):
+            statuses = [post(server.url, body).status_code for _ in range(20)]
+        quiet = server.app.state.request_log
+    assert statuses == [503] * 20
+    lines = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(lines) == 1 and quiet.suppressed("backend %r unavailable: %s") == 19
 
 
 # ------------------------------------------------------------------- fuzzing
@@ -378,6 +472,9 @@ def test_chunked_samples_follow_the_exact_distribution():
         h, W, _ = problem("bm", 10, seed=4)
         result = RemoteSampler(10, server.url, token=TOKEN).sample(h, W, 8000)
     assert result.info["chunks"] > 10
+    # The service reports its wall time, not the sum over chunks run by two workers at once.
+    info = result.info
+    assert info["server_seconds"] <= info["seconds"] and info["worker_seconds"] > 0
     check_against_exact(result.samples[None], h, W)
 
 

@@ -62,6 +62,7 @@ INFO_SCHEMA = {
     "sampler": _short_text,
     "seconds": _number,
     "queue_seconds": _number,
+    "worker_seconds": _number,
     "persistent": lambda v: isinstance(v, bool),
     "sweeps": _count,
     "spin_updates": _count,

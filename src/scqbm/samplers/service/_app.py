@@ -32,6 +32,7 @@ from .._registry import make_sampler
 from .._wire import API_PREFIX, ProtocolError, decode_array, encode_bits
 from ._limits import ServiceLimits
 from ._pool import Cancelled, QueueFull, SamplingPool
+from ._ratelog import RateLimitedLog
 
 logger = logging.getLogger(__name__)
 
@@ -310,6 +311,9 @@ def create_app(
     app_version = _package_version()
     app = FastAPI(title="scqbm sampling service", version=app_version)
     app.state.pool = pool
+    # Lines caused by requests (a backend that cannot run, a bug every request hits): each
+    # message at most once per LOG_INTERVAL seconds, with the number suppressed.
+    request_log = app.state.request_log = RateLimitedLog(logger)
 
     def authenticate(request: Request) -> None:
         if not token:
@@ -354,7 +358,7 @@ def create_app(
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception):
         # A bug, not a bad request: still the one error shape, and logged once.
-        logger.error("unexpected error on %s", request.url.path, exc_info=err)
+        request_log.error("unexpected error on %s", request.url.path, exc_info=err)
         return JSONResponse(
             {"error": {"code": "internal_error", "message": type(err).__name__}},
             status_code=500,
@@ -440,15 +444,15 @@ def create_app(
         except (SamplerUnavailable, ImportError) as err:
             # Any backend that cannot run here (package, licence, credentials, its own
             # service): the common root, not one backend's exception by name.
-            logger.error("backend %r unavailable: %s", backend, err)
+            request_log.error("backend %r unavailable: %s", backend, err)
             raise ServiceError(503, "backend_unavailable", str(err)) from None
         except SamplerError as err:
-            logger.error("backend %r failed: %s", backend, err)
+            request_log.error("backend %r failed: %s", backend, err)
             raise ServiceError(
                 500, "backend_error", f"Backend {backend!r} failed: {type(err).__name__}: {err}"
             ) from None
         except Exception as err:
-            logger.exception("backend %r failed", backend)
+            request_log.exception("backend %r failed", backend)
             raise ServiceError(
                 500, "backend_error", f"Backend {backend!r} failed: {type(err).__name__}: {err}"
             ) from None

@@ -252,7 +252,10 @@ def _merge(job: Job):
     for key in _SUMMED:
         if all(isinstance(i.get(key), int) for i in infos):
             info[key] = sum(i[key] for i in infos)
-    info["seconds"] = sum(float(i.get("seconds", 0.0)) for i in infos)
+    # Wall time from the first chunk's start to now: chunks run on several workers at once,
+    # so the sum of their times can exceed it (and the client's own wall time).
+    info["seconds"] = time.monotonic() - (job.started or job.created)
+    info["worker_seconds"] = sum(float(i.get("seconds", 0.0)) for i in infos)
     info["chunks"] = len(infos)
     info["queue_seconds"] = (job.started or job.created) - job.created
     return samples, info
