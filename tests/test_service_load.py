@@ -10,8 +10,10 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
+import torch
 from test_samplers_backends import problem
 
 pytest.importorskip("fastapi")
@@ -426,6 +428,37 @@ def test_a_small_request_does_not_wait_for_a_big_one():
         behind,
         big_result["seconds"],
     )
+
+
+class _SlowFake:
+    """Stands in for a backend: 0.3 s per call on 256 units, 0.01 s on small problems."""
+
+    def __init__(self, n_units):
+        self.seconds = 0.3 if n_units >= 256 else 0.01
+
+    def sample(self, h, W, num_reads, n_visible=None):
+        time.sleep(self.seconds)
+        return SimpleNamespace(samples=torch.zeros(num_reads, h.shape[0]), info={})
+
+
+@pytest.mark.parametrize("express", [1, 0])
+def test_the_express_lane_starts_a_small_request_while_workers_are_busy(express):
+    from scqbm.samplers.service._pool import SamplingPool
+
+    pool = SamplingPool(_SlowFake, workers=1, max_queue=8, chunkable=True, express=express)
+    try:
+        far = time.monotonic() + 60
+        big = pool.submit(torch.zeros(256), torch.zeros(256, 256), 1024, None, 101, far)
+        time.sleep(0.1)  # the worker is inside a 0.3 s chunk of the big request
+        small = pool.submit(torch.zeros(8), torch.zeros(8, 8), 4, None, 101, far)
+        _, info = small.future.result(timeout=10)
+        assert not big.future.done()  # the big one goes on meanwhile
+    finally:
+        pool.close()
+    if express:
+        assert info["queue_seconds"] < 0.1, info
+    else:  # without the lane it waits for the running chunk to end
+        assert info["queue_seconds"] > 0.1, info
 
 
 def test_work_of_a_client_that_gave_up_is_cancelled():

@@ -9,6 +9,13 @@ passed, stops at the next chunk boundary. Workers are threads: the native sample
 the GIL in their kernels (numba ``nogil``, torch ops), so they run in parallel and the
 event loop keeps serving. Every worker keeps its own backend instances, since samplers hold
 state (random generators) and are not thread-safe.
+
+A chunk cannot be shorter than the backend's fixed cost per call (about 0.1 s for 101 sweeps
+of a 256-unit problem, whatever the reads), which is longer than a whole small request. So
+besides the ``workers``, the pool has an *express* thread that only takes requests of at most
+one chunk (``chunk_cost``): when every worker is busy with big requests, a small one starts
+at once instead of waiting for a chunk to end. It sits idle otherwise; at most ``workers +
+express`` threads sample at a time.
 """
 
 from __future__ import annotations
@@ -107,6 +114,8 @@ class SamplingPool:
         Work of one chunk in :func:`read_cost` units.
     max_cached
         Backend instances kept per worker (one per problem size).
+    express
+        Extra threads that only run requests of at most one chunk (see the module docstring).
 
     """
 
@@ -118,6 +127,7 @@ class SamplingPool:
         chunkable: bool,
         chunk_cost: float = CHUNK_COST,
         max_cached: int = 4,
+        express: int = 1,
     ):
         self._make_sampler, self.max_queue = make_sampler, max_queue
         self.chunkable, self.chunk_cost, self.max_cached = chunkable, chunk_cost, max_cached
@@ -130,7 +140,14 @@ class SamplingPool:
             threading.Thread(target=self._work, name=f"scqbm-sampler-{i}", daemon=True)
             for i in range(workers)
         ]
-        for thread in self._threads:
+        express_threads = [
+            threading.Thread(
+                target=self._work, args=(True,), name=f"scqbm-sampler-express-{i}", daemon=True
+            )
+            for i in range(express)
+        ]
+        self._all_threads = [*self._threads, *express_threads]
+        for thread in self._all_threads:
             thread.start()
 
     # ------------------------------------------------------------ submission
@@ -144,7 +161,7 @@ class SamplingPool:
                 raise QueueFull(self._drain_seconds())
             job.order = next(self._order)
             self._jobs.append(job)
-            self._cond.notify()
+            self._cond.notify_all()  # the express lane must not take the wake-up of a big job
         return job
 
     def _drain_seconds(self) -> float:
@@ -157,24 +174,43 @@ class SamplingPool:
         with self._cond:
             return {"jobs": len(self._jobs), "drain_seconds": self._drain_seconds()}
 
-    def close(self) -> None:
-        """Stop the workers after their current chunk; pending jobs are cancelled."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the workers after their current chunk; pending jobs are cancelled.
+
+        Waits up to ``timeout`` seconds for the threads to end, so that none is still
+        inside a kernel when the interpreter shuts down.
+        """
         with self._cond:
             self._closed = True
-            for job in self._jobs:
+            for job in list(self._jobs):
                 job.cancel()
                 self._finish(job, Cancelled("the sampling service is shutting down"))
             self._cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in self._all_threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     # -------------------------------------------------------------- workers
-    def _next_chunk(self):
-        """The next ``(job, offset, reads)``: shortest remaining work first, then FIFO."""
+    def _small(self, job: Job) -> bool:
+        """A job the express lane may take: not started and at most one chunk of work."""
+        return job.assigned == 0 and job.num_reads * job.cost_per_read <= self.chunk_cost
+
+    def _next_chunk(self, express: bool = False):
+        """The next ``(job, offset, reads)``: shortest remaining work first, then FIFO.
+
+        With ``express``, only jobs of at most one chunk (:meth:`_small`).
+        """
         now = time.monotonic()
         for job in list(self._jobs):
             if job.cancelled or now > job.deadline:
                 reason = "cancelled" if job.cancelled else "deadline passed"
                 self._finish(job, Cancelled(reason))
-        ready = [job for job in self._jobs if job.assigned < job.num_reads]
+        ready = [
+            job
+            for job in self._jobs
+            if job.assigned < job.num_reads and (not express or self._small(job))
+        ]
         if not ready:
             return None
         job = min(ready, key=lambda j: (j.remaining_cost, j.order))
@@ -195,11 +231,11 @@ class SamplingPool:
         else:
             job.future.set_result(result)
 
-    def _work(self) -> None:
+    def _work(self, express: bool = False) -> None:
         cache: OrderedDict[int, torch.nn.Module] = OrderedDict()
         while True:
             with self._cond:
-                while not self._closed and (task := self._next_chunk()) is None:
+                while not self._closed and (task := self._next_chunk(express)) is None:
                     self._cond.wait(timeout=1.0)  # wakes up to expire deadlines
                 if self._closed:
                     return
