@@ -79,7 +79,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="Seconds a request may take in the service, queue included [%(default)s].",
     )
     limit.add_argument(
-        "--workers", type=int, default=d.workers, help="Sampling threads, plus one express thread for small requests [%(default)s]."
+        "--workers",
+        type=int,
+        default=d.workers,
+        help="Sampling threads, plus one express thread for small requests [%(default)s].",
     )
     limit.add_argument(
         "--max-queue",
