@@ -46,13 +46,30 @@ def problem(n: int, seed: int = 0):
     return prior.h.detach(), prior.coupling_matrix().detach()
 
 
+class CountingRemote(RemoteSampler):
+    """The ``remote`` client with its defaults, recording why each retried attempt failed."""
+
+    def __init__(self, *args, reasons: list, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._reasons = reasons
+
+    def _delay(self, attempt, response=None):
+        # Called once per failed attempt that is retried, with the response if there was one.
+        if response is None:
+            self._reasons.append("no answer (connection error or client timeout)")
+        else:
+            self._reasons.append(f"HTTP {response.status_code}")
+        return super()._delay(attempt, response)
+
+
 def run(url: str, n: int, clients: int, per_client: int, reads: int) -> dict:
     h, W = problem(n)
-    latencies, attempts, failures = [], [], []
+    latencies, attempts, failures, reasons = [], [], [], []
     lock = threading.Lock()
 
     def client():
-        sampler = RemoteSampler(n, url, token=TOKEN)  # library defaults: timeout 60 s
+        # Library defaults: timeout 60 s, 3 retries.
+        sampler = CountingRemote(n, url, token=TOKEN, reasons=reasons)
         for _ in range(per_client):
             start = time.perf_counter()
             try:
@@ -86,6 +103,7 @@ def run(url: str, n: int, clients: int, per_client: int, reads: int) -> dict:
         "failed": len(failures),
         "timeouts": sum("Timeout" in f for f in failures),
         "first_failure": failures[0] if failures else "",
+        "retry_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
     }
 
 
@@ -184,7 +202,8 @@ def main() -> None:
                     f"{row['rps']:>7.2f} {row['p50']:>7.2f} {row['p99']:>7.2f} "
                     f"{row['max']:>7.2f} {row['retried']:>7} {row['failed']:>6} "
                     f"{row['timeouts']:>8}"
-                    + (f"  {row['first_failure']}" if row["failed"] else ""),
+                    + (f"  {row['first_failure']}" if row["failed"] else "")
+                    + (f"  retried attempts: {row['retry_reasons']}" if row["retried"] else ""),
                     flush=True,
                 )
         target = next((r for r in rows if r["n"] == 256 and r["clients"] == 64), None)
@@ -196,7 +215,8 @@ def main() -> None:
                 f"{CLIENT_DEFAULTS['timeout']:g} s: {target['requests']} requests, "
                 f"{target['failed']} failed, {target['retried']} retried, {target['timeouts']} "
                 f"client timeouts; p50 {target['p50']:.2f} s, p99 {target['p99']:.2f} s, max "
-                f"{target['max']:.2f} s -> {'MET' if met else 'NOT MET'}",
+                f"{target['max']:.2f} s -> {'MET' if met else 'NOT MET'}; failed attempts "
+                f"that were retried: {target['retry_reasons'] or 'none'}",
                 flush=True,
             )
         # The largest big request the default budget admits (units x reads x 101 sweeps).
