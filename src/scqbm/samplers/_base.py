@@ -145,9 +145,10 @@ class BoltzmannSampler(nn.Module, ABC):
 
     @property
     def parameters(self) -> dict[str, list]:
-        """Keyword arguments accepted by :meth:`sample` (name -> related properties).
+        """Keyword arguments accepted by ``sample`` (name -> related properties).
 
-        As in dimod; anything else is rejected with a ``TypeError``.
+        As in dimod (see :meth:`~scqbm.samplers.BoltzmannSampler.sample`); anything else is
+        rejected with a ``TypeError``.
         """
         return {"num_reads": [], "n_visible": []}
 
@@ -255,7 +256,7 @@ class PersistentChainSampler(BoltzmannSampler):
     any other call runs fresh chains for ``burn_in + num_sweeps`` sweeps and leaves the
     persistent ones untouched (``info["persistent"]`` says which happened).
 
-    Subclasses implement :meth:`_advance` (run the chains) and call :meth:`_init_chains` in
+    Subclasses implement ``_advance`` (run the chains) and call ``_init_chains`` in
     their constructor.
     """
 
