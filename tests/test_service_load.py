@@ -367,6 +367,24 @@ def test_fuzzed_requests_never_get_a_500(quick):
     assert httpx.get(f"{quick.url}/v1/health", timeout=1).status_code == 200
 
 
+def test_the_service_samples_at_the_precision_the_client_sent():
+    import numpy as np
+    import torch
+
+    from scqbm.samplers.service import _app
+
+    limits = ServiceLimits()
+    single = json.dumps(body_for(4, 8)).encode()  # encoded float32 arrays
+    h, W, _, _ = _app._parse(single, limits, 1)
+    assert h.dtype == W.dtype == torch.float32
+    double = body_for(4, 8)
+    double["W"] = encode_array(np.zeros((4, 4)), "float64")
+    h, W, _, _ = _app._parse(json.dumps(double).encode(), limits, 1)
+    assert h.dtype == W.dtype == torch.float64
+    listed = {"h": [0.0, 0.1], "W": [[0.0, 0.2], [0.2, 0.0]], "num_reads": 2}
+    assert _app._parse(json.dumps(listed).encode(), limits, 1)[0].dtype == torch.float64
+
+
 def test_compute_budget_and_empty_problems_are_refused(quick):
     response = post(quick.url, body_for(256, 4000))
     assert response.status_code == 413

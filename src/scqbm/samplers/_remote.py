@@ -143,7 +143,8 @@ class RemoteSampler(BoltzmannSampler):
     fallback_kwargs
         Arguments of the fallback :class:`~scqbm.samplers.GibbsSampler`.
     dtype
-        Precision of the arrays sent: ``"float32"`` (half the bytes) or ``"float64"``.
+        Precision of the arrays sent, and at which the service samples: ``"float32"`` (half
+        the bytes, and the precision a prior trains in) or ``"float64"``.
 
     """
 

@@ -3,19 +3,20 @@
 A request becomes a :class:`Job`. When the backend draws independent reads (fresh chains
 per request), a job is cut into chunks of a bounded amount of work (``chunk_cost``), and
 each free worker runs the next chunk of the job with the least work left (shortest remaining
-work first). A small request therefore waits at most about one chunk behind a big one
-instead of the whole big request, and a job whose client has gone, or whose deadline has
-passed, stops at the next chunk boundary. Workers are threads: the native samplers release
+work first). A request therefore waits at most about one chunk behind a big one instead of
+the whole big request, and a job whose client has gone, or whose deadline has passed, stops
+at the next chunk boundary. Workers are threads: the native samplers release
 the GIL in their kernels (numba ``nogil``, torch ops), so they run in parallel and the
 event loop keeps serving. Every worker keeps its own backend instances, since samplers hold
 state (random generators) and are not thread-safe.
 
-A chunk cannot be shorter than the backend's fixed cost per call (about 0.1 s for 101 sweeps
-of a 256-unit problem, whatever the reads), which is longer than a whole small request. So
-besides the ``workers``, the pool has an *express* thread that only takes requests of at most
-one chunk (``chunk_cost``): when every worker is busy with big requests, a small one starts
-at once instead of waiting for a chunk to end. It sits idle otherwise; at most ``workers +
-express`` threads sample at a time.
+Every chunk pays the backend's fixed cost per call (measured: about 0.09 s for 101 sweeps of
+a 256-unit dense problem, whatever the reads), so chunks must be large for throughput: at
+42 reads per chunk a 256-unit, 512-read request took 1.9 s instead of 0.7 s. Large chunks
+would make small requests wait, so besides the ``workers`` the pool has an *express* thread
+that only takes requests of at most ``express_cost`` (about 0.1 s of work): when every
+worker is busy with big requests, a small one starts at once instead of waiting for a chunk
+to end. It sits idle otherwise; at most ``workers + express`` threads sample at a time.
 """
 
 from __future__ import annotations
@@ -34,8 +35,13 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: Work per chunk in the scheduling cost model (about 0.1 s of dense Gibbs on one core).
-CHUNK_COST = 4e8
+#: Work per chunk in the scheduling cost model (about 0.5 s of dense Gibbs on one core):
+#: the granularity of fairness between big requests and of cancellation.
+CHUNK_COST = 2e9
+#: Largest request the express lane takes (about 0.1 s of dense Gibbs on one core).
+EXPRESS_COST = 4e8
+#: Work per second per worker assumed for ``Retry-After`` before any chunk was timed.
+DEFAULT_RATE = 4e9
 #: Fixed cost of one sweep of a chunk, whatever its reads (kernel call, validation): on a
 #: 10-unit problem one read per chunk made a sweep ~200x dearer than its arithmetic.
 SWEEP_OVERHEAD = 5e5
@@ -115,7 +121,10 @@ class SamplingPool:
     max_cached
         Backend instances kept per worker (one per problem size).
     express
-        Extra threads that only run requests of at most one chunk (see the module docstring).
+        Extra threads that only run requests of at most ``express_cost`` (see the module
+        docstring).
+    express_cost
+        Largest request, in :func:`read_cost` units, that the express threads take.
 
     """
 
@@ -128,9 +137,11 @@ class SamplingPool:
         chunk_cost: float = CHUNK_COST,
         max_cached: int = 4,
         express: int = 1,
+        express_cost: float = EXPRESS_COST,
     ):
         self._make_sampler, self.max_queue = make_sampler, max_queue
         self.chunkable, self.chunk_cost, self.max_cached = chunkable, chunk_cost, max_cached
+        self.express_cost = express_cost
         self._jobs: list[Job] = []
         self._cond = threading.Condition()
         self._order = itertools.count()
@@ -166,7 +177,7 @@ class SamplingPool:
 
     def _drain_seconds(self) -> float:
         work = sum(job.remaining_cost for job in self._jobs)
-        rate = (self._rate or self.chunk_cost * 10) * len(self._threads)
+        rate = (self._rate or DEFAULT_RATE) * len(self._threads)
         return max(1.0, math.ceil(work / rate))
 
     def stats(self) -> dict:
@@ -193,8 +204,8 @@ class SamplingPool:
 
     # -------------------------------------------------------------- workers
     def _small(self, job: Job) -> bool:
-        """A job the express lane may take: not started and at most one chunk of work."""
-        return job.assigned == 0 and job.num_reads * job.cost_per_read <= self.chunk_cost
+        """A job the express lane may take: not started and at most ``express_cost``."""
+        return job.assigned == 0 and job.num_reads * job.cost_per_read <= self.express_cost
 
     def _next_chunk(self, express: bool = False):
         """The next ``(job, offset, reads)``: shortest remaining work first, then FIFO.
