@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import socket
 import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
+import torch
 from test_samplers_backends import problem
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from scqbm.samplers import RemoteSampler  # noqa: E402
+from scqbm.samplers import (  # noqa: E402
+    BoltzmannSampler,
+    RemoteSampler,
+    SamplerUnavailable,
+    register_sampler,
+)
 from scqbm.samplers.service import ServiceLimits, encode_array, serve_in_background  # noqa: E402
+from scqbm.samplers.service._ratelog import RateLimitedLog  # noqa: E402
 
 TOKEN = "load-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -191,6 +200,93 @@ def test_unparseable_http_gets_the_json_error_shape(quick):
     assert json.loads(body)["error"]["code"] == "bad_http"
 
 
+# ------------------------------------------------------------------- logging
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_the_rate_limited_log_counts_what_it_suppresses():
+    now = [0.0]
+    records = _Records()
+    target = logging.getLogger("scqbm.tests.ratelog")
+    target.addHandler(records)
+    target.setLevel(logging.DEBUG)
+    try:
+        log = RateLimitedLog(target, interval=10.0, clock=lambda: now[0])
+        assert log.warning("bad request from %s", "a")
+        for step in range(29):
+            now[0] = 0.3 * step
+            assert not log.warning("bad request from %s", "b")
+        assert log.warning("another message")  # messages are throttled separately
+        assert log.suppressed("bad request from %s") == 29
+        now[0] = 10.5
+        assert log.warning("bad request from %s", "c")
+        assert log.suppressed("bad request from %s") == 0
+        now[0] = 25.0
+        assert log.warning("100% sure")  # no arguments: not a format string
+        assert not log.warning("100% sure")
+        now[0] = 40.0
+        assert log.warning("100% sure")
+    finally:
+        target.removeHandler(records)
+    lines = [r.getMessage() for r in records.records]
+    assert lines == [
+        "bad request from a",
+        "another message",
+        "bad request from c (29 more like this in the last 10 s)",
+        "100% sure",
+        "100% sure (1 more like this in the last 15 s)",
+    ]
+
+
+def test_malformed_http_requests_are_logged_once_per_interval():
+    records = _Records()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    with serve_in_background("gibbs", token=TOKEN) as server:
+        uvicorn_log.addHandler(records)
+        try:
+            for _ in range(30):
+                with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                    sock.sendall(b"GARBAGE\x00\r\n\r\n")
+                    sock.settimeout(5)
+                    assert sock.recv(100).startswith(b"HTTP/1.1 400")
+        finally:
+            uvicorn_log.removeHandler(records)
+        quiet = server._server.config.http.malformed_log
+    invalid = [r for r in records.records if "Invalid HTTP request" in r.getMessage()]
+    # uvicorn alone logs one warning per request: 30 lines.
+    assert len(invalid) == 1 and quiet.suppressed("Invalid HTTP request received.") == 29
+
+
+class _Unavailable(BoltzmannSampler):
+    name = "failing_unavailable"
+
+    def __init__(self, n_units: int):
+        super().__init__()
+
+    def _sample(self, h, W, num_reads, n_visible):
+        raise SamplerUnavailable("no licence on this host")
+
+
+register_sampler(_Unavailable.name, _Unavailable)
+
+
+def test_a_backend_failing_every_request_is_logged_once_per_interval(caplog):
+    body = {"h": [0.0, 0.1], "W": [[0.0, 0.2], [0.2, 0.0]], "num_reads": 4}
+    with serve_in_background("failing_unavailable", token=TOKEN) as server:
+        with caplog.at_level(logging.ERROR, logger="scqbm.samplers.service._app"):
+            statuses = [post(server.url, body).status_code for _ in range(20)]
+        quiet = server.app.state.request_log
+    assert statuses == [503] * 20
+    lines = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(lines) == 1 and quiet.suppressed("backend %r unavailable: %s") == 19
+
+
 # ------------------------------------------------------------------- fuzzing
 def _fuzz_cases(rng: random.Random, count: int):
     """Malformed bodies: broken JSON, hostile numbers and nesting, wrong types and shapes."""
@@ -271,6 +367,24 @@ def test_fuzzed_requests_never_get_a_500(quick):
     assert httpx.get(f"{quick.url}/v1/health", timeout=1).status_code == 200
 
 
+def test_the_service_samples_at_the_precision_the_client_sent():
+    import numpy as np
+    import torch
+
+    from scqbm.samplers.service import _app
+
+    limits = ServiceLimits()
+    single = json.dumps(body_for(4, 8)).encode()  # encoded float32 arrays
+    h, W, _, _ = _app._parse(single, limits, 1)
+    assert h.dtype == W.dtype == torch.float32
+    double = body_for(4, 8)
+    double["W"] = encode_array(np.zeros((4, 4)), "float64")
+    h, W, _, _ = _app._parse(json.dumps(double).encode(), limits, 1)
+    assert h.dtype == W.dtype == torch.float64
+    listed = {"h": [0.0, 0.1], "W": [[0.0, 0.2], [0.2, 0.0]], "num_reads": 2}
+    assert _app._parse(json.dumps(listed).encode(), limits, 1)[0].dtype == torch.float64
+
+
 def test_compute_budget_and_empty_problems_are_refused(quick):
     response = post(quick.url, body_for(256, 4000))
     assert response.status_code == 413
@@ -334,6 +448,37 @@ def test_a_small_request_does_not_wait_for_a_big_one():
     )
 
 
+class _SlowFake:
+    """Stands in for a backend: 0.3 s per call on 256 units, 0.01 s on small problems."""
+
+    def __init__(self, n_units):
+        self.seconds = 0.3 if n_units >= 256 else 0.01
+
+    def sample(self, h, W, num_reads, n_visible=None):
+        time.sleep(self.seconds)
+        return SimpleNamespace(samples=torch.zeros(num_reads, h.shape[0]), info={})
+
+
+@pytest.mark.parametrize("express", [1, 0])
+def test_the_express_lane_starts_a_small_request_while_workers_are_busy(express):
+    from scqbm.samplers.service._pool import SamplingPool
+
+    pool = SamplingPool(_SlowFake, workers=1, max_queue=8, chunkable=True, express=express)
+    try:
+        far = time.monotonic() + 60
+        big = pool.submit(torch.zeros(256), torch.zeros(256, 256), 1024, None, 101, far)
+        time.sleep(0.1)  # the worker is inside a 0.3 s chunk of the big request
+        small = pool.submit(torch.zeros(8), torch.zeros(8, 8), 4, None, 101, far)
+        _, info = small.future.result(timeout=10)
+        assert not big.future.done()  # the big one goes on meanwhile
+    finally:
+        pool.close()
+    if express:
+        assert info["queue_seconds"] < 0.1, info
+    else:  # without the lane it waits for the running chunk to end
+        assert info["queue_seconds"] > 0.1, info
+
+
 def test_work_of_a_client_that_gave_up_is_cancelled():
     limits = ServiceLimits(workers=1, max_work=10**10)
     with serve_in_background("gibbs", token=TOKEN, limits=limits) as server:
@@ -378,6 +523,9 @@ def test_chunked_samples_follow_the_exact_distribution():
         h, W, _ = problem("bm", 10, seed=4)
         result = RemoteSampler(10, server.url, token=TOKEN).sample(h, W, 8000)
     assert result.info["chunks"] > 10
+    # The service reports its wall time, not the sum over chunks run by two workers at once.
+    info = result.info
+    assert info["server_seconds"] <= info["seconds"] and info["worker_seconds"] > 0
     check_against_exact(result.samples[None], h, W)
 
 

@@ -10,8 +10,12 @@ Like dimod's ``Sampler``, every backend declares what it does instead of letting
 guess: :attr:`BoltzmannSampler.parameters` (the keyword arguments :meth:`~BoltzmannSampler.
 sample` accepts) and :attr:`BoltzmannSampler.properties` (``"persistent"``: whether it keeps
 chains between calls; ``"num_reads"``: the number of negative samples per training step it
-is built for, or ``None`` when the caller chooses). Persistent chains live in one helper,
-:class:`PersistentChainSampler`, shared by every chain-based backend.
+is built for, or ``None`` when the caller chooses). Two more declarations serve callers that
+budget or check a backend before using it, such as the sampling service:
+:attr:`BoltzmannSampler.sweeps_per_read` (what one fresh read costs) and
+:meth:`BoltzmannSampler.preflight` (a cheap check that the backend can run here, without
+sampling). Persistent chains live in one helper, :class:`PersistentChainSampler`, shared by
+every chain-based backend.
 """
 
 from __future__ import annotations
@@ -164,9 +168,10 @@ class BoltzmannSampler(nn.Module, ABC):
 
     @property
     def parameters(self) -> dict[str, list]:
-        """Keyword arguments accepted by :meth:`sample` (name -> related properties).
+        """Keyword arguments accepted by ``sample`` (name -> related properties).
 
-        As in dimod; anything else is rejected with a ``TypeError``.
+        As in dimod (see :meth:`~scqbm.samplers.BoltzmannSampler.sample`); anything else is
+        rejected with a ``TypeError``.
         """
         return {"num_reads": [], "n_visible": []}
 
@@ -178,6 +183,26 @@ class BoltzmannSampler(nn.Module, ABC):
         samples per training step it is built for (``None``: the caller chooses).
         """
         return {"persistent": False, "num_reads": None}
+
+    @property
+    def sweeps_per_read(self) -> int:
+        """Sweeps over all units that one read of a fresh call costs (at least 1).
+
+        Used for compute budgets (the sampling service's ``max_work`` is units x reads x this
+        number). Chain samplers declare ``burn_in + num_sweeps`` times their replicas; a
+        backend that cannot say (an external annealer, a remote service) declares 1.
+        """
+        return 1
+
+    def preflight(self) -> None:
+        """Check, without sampling, that the backend can run here; raise otherwise.
+
+        Called by the sampling service at startup so that a misconfigured host fails at once
+        instead of on the first request. The default does nothing; backends that need an
+        optional package, a licence or credentials override it and raise
+        :class:`SamplerUnavailable` (or :class:`SamplerNotInstalled`) with the reason.
+        Wrappers check their child.
+        """
 
     def sample(
         self,
@@ -259,7 +284,7 @@ class PersistentChainSampler(BoltzmannSampler):
     any other call runs fresh chains for ``burn_in + num_sweeps`` sweeps and leaves the
     persistent ones untouched (``info["persistent"]`` says which happened).
 
-    Subclasses implement :meth:`_advance` (run the chains) and call :meth:`_init_chains` in
+    Subclasses implement ``_advance`` (run the chains) and call ``_init_chains`` in
     their constructor.
     """
 
@@ -291,6 +316,14 @@ class PersistentChainSampler(BoltzmannSampler):
     @property
     def properties(self) -> dict:
         return {"persistent": self.persistent, "num_reads": self.num_chains}
+
+    @property
+    def sweeps_per_read(self) -> int:
+        # A fresh chain runs burn-in and sweeps, once per replica (e.g. per temperature).
+        replicas = 1
+        for size in self._chain_shape:
+            replicas *= size
+        return max(1, self.burn_in + self.num_sweeps) * replicas
 
     @abstractmethod
     def _advance(

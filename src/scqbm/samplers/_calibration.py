@@ -301,6 +301,15 @@ class CalibratedSampler(BoltzmannSampler):
         child = self.backend.properties
         return {**child, "child": child}
 
+    @property
+    def sweeps_per_read(self) -> int:
+        # A draw costs what the child's does (a calibrating call repeats it up to max_iter).
+        return self.backend.sweeps_per_read
+
+    def preflight(self) -> None:
+        """Check the wrapped backend (:meth:`BoltzmannSampler.preflight`)."""
+        self.backend.preflight()
+
     def estimate(self, samples, h, W, n_visible) -> float:
         """Inverse temperature of ``samples`` with respect to ``(h, W)``."""
         return estimate_effective_beta(

@@ -148,6 +148,15 @@ class DimodSampler(BoltzmannSampler):
         return {"persistent": False, "num_reads": self.num_reads}
 
     @property
+    def sweeps_per_read(self) -> int:
+        # The `num_sweeps` passed to the dimod sampler; 1 when left to the sampler's default.
+        return max(1, int(self.sample_kwargs.get("num_sweeps", 1)))
+
+    def preflight(self) -> None:
+        """Check that dimod and the configured sampler import (the sampler is not called)."""
+        self.dimod_sampler  # noqa: B018 - resolves, imports and checks the keywords
+
+    @property
     def dimod_sampler(self):
         """The wrapped dimod sampler (imported and checked on first access)."""
         if self._sampler is None:

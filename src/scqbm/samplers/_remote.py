@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from ._base import BoltzmannSampler, SamplerError
+from ._base import DEFAULT_NUM_READS, BoltzmannSampler, SamplerError, SamplerUnavailable
+from ._errors import SamplerNotInstalled
 from ._gibbs import GibbsSampler
 from ._wire import API_PREFIX, TOKEN_ENV, ProtocolError, decode_bits, encode_array
 
@@ -29,7 +30,7 @@ AUTH_STATUSES = frozenset({401, 403})
 _REPLY_SLACK = 1 << 20
 
 
-class ServiceUnavailable(SamplerError):
+class ServiceUnavailable(SamplerUnavailable):
     """The sampling service could not be reached, failed or answered malformed data."""
 
 
@@ -61,6 +62,7 @@ INFO_SCHEMA = {
     "sampler": _short_text,
     "seconds": _number,
     "queue_seconds": _number,
+    "worker_seconds": _number,
     "persistent": lambda v: isinstance(v, bool),
     "sweeps": _count,
     "spin_updates": _count,
@@ -123,7 +125,9 @@ class RemoteSampler(BoltzmannSampler):
         at each request. A token given here is never saved with a model (``QBMVAE.save``
         strips it); a loaded model reads the environment variable.
     num_chains
-        Reads per negative phase (the model asks for this many).
+        Reads per negative phase: the declared ``properties["num_reads"]``, so the model asks
+        for this many per training step (``None``: the model's ``num_negative_samples``). The
+        service runs fresh chains per request, so ``properties["persistent"]`` is ``False``.
     timeout
         Seconds to wait for a response (sampling included).
     connect_timeout
@@ -139,7 +143,8 @@ class RemoteSampler(BoltzmannSampler):
     fallback_kwargs
         Arguments of the fallback :class:`~scqbm.samplers.GibbsSampler`.
     dtype
-        Precision of the arrays sent: ``"float32"`` (half the bytes) or ``"float64"``.
+        Precision of the arrays sent, and at which the service samples: ``"float32"`` (half
+        the bytes, and the precision a prior trains in) or ``"float64"``.
 
     """
 
@@ -150,7 +155,7 @@ class RemoteSampler(BoltzmannSampler):
         n_units: int,
         url: str,
         token: str | None = None,
-        num_chains: int = 512,
+        num_chains: int | None = 512,
         timeout: float = 60.0,
         connect_timeout: float = 5.0,
         max_retries: int = 3,
@@ -170,12 +175,16 @@ class RemoteSampler(BoltzmannSampler):
             raise ValueError(
                 "RemoteSampler needs max_retries >= 0, backoff >= 0 and positive timeouts."
             )
+        if num_chains is not None and (
+            isinstance(num_chains, bool) or int(num_chains) != num_chains or num_chains < 1
+        ):
+            raise ValueError(f"`num_chains` must be a positive integer or None, got {num_chains}.")
         if dtype not in ("float32", "float64"):
             raise ValueError(f"`dtype` must be 'float32' or 'float64', got {dtype!r}.")
         self.n_units = n_units
         self.url = url.rstrip("/")
         self.token = token
-        self.num_chains = num_chains
+        self.num_chains = None if num_chains is None else int(num_chains)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.max_retries = max_retries
@@ -186,7 +195,9 @@ class RemoteSampler(BoltzmannSampler):
         self.dtype = dtype
         # A submodule, so its persistent chains are saved with the model and move with it.
         self.fallback = (
-            GibbsSampler(n_units, num_chains=num_chains, **(fallback_kwargs or {}))
+            GibbsSampler(
+                n_units, num_chains=self.num_chains or DEFAULT_NUM_READS, **(fallback_kwargs or {})
+            )
             if on_failure == "fallback"
             else None
         )
@@ -196,16 +207,25 @@ class RemoteSampler(BoltzmannSampler):
         self._client = None
         self._client_lock = threading.Lock()
 
+    @property
+    def parameters(self) -> dict[str, list]:
+        # Sent to the service as they are; backend options are the server's.
+        return {"num_reads": ["num_reads"], "n_visible": []}
+
+    @property
+    def properties(self) -> dict:
+        # The service runs fresh chains per request; the fallback's chains are local only.
+        return {"persistent": False, "num_reads": self.num_chains}
+
+    def preflight(self) -> None:
+        """Check that the HTTP client (httpx) imports; the service is not contacted."""
+        _import_httpx()
+
     # ------------------------------------------------------------------ HTTP
     def _http(self):
         with self._client_lock:
             if self._client is None:
-                try:
-                    import httpx
-                except ImportError as err:
-                    raise ImportError(
-                        f"The 'remote' sampler needs httpx: {_INSTALL_HINT}"
-                    ) from err
+                httpx = _import_httpx()
                 timeout = httpx.Timeout(self.timeout, connect=self.connect_timeout)
                 self._client = httpx.Client(timeout=timeout)
             return self._client
@@ -377,6 +397,14 @@ class RemoteSampler(BoltzmannSampler):
             f"n_units={self.n_units}, url={self.url!r}, on_failure={self.on_failure!r}, "
             f"max_retries={self.max_retries}, fallbacks={self.fallbacks}"
         )
+
+
+def _import_httpx():
+    try:
+        import httpx
+    except ImportError as err:
+        raise SamplerNotInstalled(f"The 'remote' sampler needs httpx: {_INSTALL_HINT}") from err
+    return httpx
 
 
 def _read_limited(response, limit: int) -> bytes:

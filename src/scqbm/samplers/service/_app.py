@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import inspect
 import json
 import logging
 import math
@@ -28,12 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .._base import validate_problem
-from .._kaiwu_sdk import KaiwuCredentialsError
+from .._base import SamplerError, SamplerUnavailable, validate_problem
 from .._registry import make_sampler
 from .._wire import API_PREFIX, ProtocolError, decode_array, encode_bits
 from ._limits import ServiceLimits
 from ._pool import Cancelled, QueueFull, SamplingPool
+from ._ratelog import RateLimitedLog
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +70,14 @@ class SampleRequest(BaseModel):
 
 
 class _Backend:
-    """The configured backend: how to build it per problem size and what one read costs."""
+    """The configured backend: how to build it per problem size and what one read costs.
+
+    Everything comes from what the sampler declares (:class:`~scqbm.samplers.BoltzmannSampler`):
+    ``properties["persistent"]`` decides whether requests are independent (and may be cut
+    into chunks), :attr:`~scqbm.samplers.BoltzmannSampler.sweeps_per_read` prices a read for
+    the compute budget, and :meth:`~scqbm.samplers.BoltzmannSampler.preflight` checks at
+    startup that the backend can run here.
+    """
 
     def __init__(self, name: str, kwargs: dict[str, Any], device: str):
         self.device = torch.device(device)
@@ -79,28 +85,40 @@ class _Backend:
             torch.empty(0, device=self.device)
         except (AssertionError, RuntimeError) as err:  # torch asserts on a missing CUDA
             raise ValueError(f"Device {device!r} is not usable here: {err}") from err
-        probe = make_sampler(name, 2, **kwargs)  # fails at startup on bad arguments
         kwargs = dict(kwargs)
-        # Requests from different clients must not continue each other's Markov chains.
-        accepts = inspect.signature(type(probe).__init__).parameters
-        self.stateless = "persistent" in accepts and "persistent" not in kwargs
-        if self.stateless:
-            kwargs["persistent"] = False
+        probe = make_sampler(name, 2, **kwargs)  # fails at startup on bad arguments
+        if probe.properties["persistent"] and "persistent" not in kwargs:
+            # Requests from different clients must not continue each other's Markov chains:
+            # ask for fresh chains per call, unless the operator chose persistence explicitly.
+            probe, kwargs = _without_persistence(name, kwargs, probe)
+        self.stateless = not probe.properties["persistent"]
         self.name, self.kwargs = name, kwargs
-        self.sweeps = _sweeps_per_read(probe)
-        preflight = getattr(probe, "preflight", None)
-        if preflight is not None:
-            preflight()
+        self.sweeps = int(probe.sweeps_per_read)
+        if self.sweeps < 1:
+            raise ValueError(
+                f"Backend {name!r} declares sweeps_per_read={self.sweeps}; it must be >= 1."
+            )
+        probe.preflight()
 
     def make(self, n_units: int):
         return make_sampler(self.name, n_units, **self.kwargs).to(self.device)
 
 
-def _sweeps_per_read(sampler) -> int:
-    """Sweeps one read costs: burn-in and sweeps of a fresh chain, times its replicas."""
-    sweeps = getattr(sampler, "burn_in", 0) + getattr(sampler, "num_sweeps", 0)
-    sweeps = sweeps or getattr(sampler, "sample_kwargs", {}).get("num_sweeps", 1)
-    return max(1, int(sweeps)) * max(1, int(getattr(sampler, "num_temps", 1)))
+def _without_persistence(name: str, kwargs: dict[str, Any], probe):
+    """The backend built with ``persistent=False``, or ``probe`` if it has no such option."""
+    try:
+        fresh = make_sampler(name, 2, **kwargs, persistent=False)
+    except TypeError:  # the registry rejects an option the backend does not have
+        fresh = None
+    if fresh is None or fresh.properties["persistent"]:
+        logger.warning(
+            "Backend %r declares persistent chains and has no `persistent` option: requests "
+            "are sampled one at a time per worker and continue that worker's chains (for a "
+            "wrapper, pass persistent=False in its backend_kwargs).",
+            name,
+        )
+        return probe, kwargs
+    return fresh, {**kwargs, "persistent": False}
 
 
 def _jsonable(value):
@@ -229,27 +247,21 @@ def _parse_checked(body: bytes, limits: ServiceLimits, sweeps: int):
             f"exceeds this service's budget of {limits.max_work} (max_work); ask for at most "
             f"{most} reads per request.",
         )
-    h, W = torch.from_numpy(h), torch.from_numpy(W)
+    # Sample at the precision the client sent: float32 arrays (the `remote` client's default,
+    # and the training prior's own precision) are sampled in float32, 3x faster than float64
+    # on a 256-unit problem; JSON lists of numbers are doubles.
+    single = all(
+        isinstance(v, dict) and v.get("dtype") == "float32" for v in (request.h, request.W)
+    )
+    dtype = torch.float32 if single else torch.float64
+    h, W = torch.from_numpy(h).to(dtype), torch.from_numpy(W).to(dtype)
     try:
-        validate_problem(h, W)
-        _check_bipartite(W, request.n_visible)
+        # The samplers' own check, bipartite structure included: block updates for an RBM
+        # are wrong if the sides are coupled within themselves.
+        validate_problem(h, W, n_visible=request.n_visible)
     except ValueError as err:
         raise ServiceError(422, "invalid_problem", str(err)) from None
     return h, W, request.num_reads, request.n_visible
-
-
-def _check_bipartite(W: torch.Tensor, n_visible: int | None) -> None:
-    # Block updates for an RBM are wrong if the sides are coupled within themselves.
-    if n_visible is None:
-        return
-    n = W.shape[0]
-    if not 0 < n_visible < n:
-        raise ValueError(f"n_visible must be between 1 and {n - 1}, got {n_visible}.")
-    if W[:n_visible, :n_visible].abs().max() > 0 or W[n_visible:, n_visible:].abs().max() > 0:
-        raise ValueError(
-            "n_visible is given but W couples units within a side: not a bipartite (RBM) "
-            "problem. Omit n_visible for a dense problem."
-        )
 
 
 def create_app(
@@ -268,10 +280,14 @@ def create_app(
     backend
         Registered sampler name (:func:`scqbm.samplers.available_samplers`).
     backend_kwargs
-        Its keyword arguments; validated at once by building the backend. Backends with a
-        ``persistent`` argument run fresh chains per request unless it is given, because
-        requests of different clients must not continue each other's chains; their requests
-        are then sampled in fair chunks (see :mod:`scqbm.samplers.service._pool`).
+        Its keyword arguments; validated at once by building the backend, whose
+        :meth:`~scqbm.samplers.BoltzmannSampler.preflight` runs then too. A backend that
+        declares persistent chains (``properties["persistent"]``) is built with
+        ``persistent=False`` unless that option is given, because requests of different
+        clients must not continue each other's chains. Requests to a backend without
+        persistent chains are sampled in fair chunks (see
+        :mod:`scqbm.samplers.service._pool`); the compute budget prices a read at the
+        backend's :attr:`~scqbm.samplers.BoltzmannSampler.sweeps_per_read`.
     token
         Shared secret expected as ``Authorization: Bearer <token>``.
     limits
@@ -302,6 +318,9 @@ def create_app(
     app_version = _package_version()
     app = FastAPI(title="scqbm sampling service", version=app_version)
     app.state.pool = pool
+    # Lines caused by requests (a backend that cannot run, a bug every request hits): each
+    # message at most once per LOG_INTERVAL seconds, with the number suppressed.
+    request_log = app.state.request_log = RateLimitedLog(logger)
 
     def authenticate(request: Request) -> None:
         if not token:
@@ -346,7 +365,7 @@ def create_app(
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception):
         # A bug, not a bad request: still the one error shape, and logged once.
-        logger.error("unexpected error on %s", request.url.path, exc_info=err)
+        request_log.error("unexpected error on %s", request.url.path, exc_info=err)
         return JSONResponse(
             {"error": {"code": "internal_error", "message": type(err).__name__}},
             status_code=500,
@@ -429,11 +448,18 @@ def create_app(
             ) from None
         except ValueError as err:
             raise ServiceError(422, "invalid_problem", str(err)) from None
-        except (ImportError, KaiwuCredentialsError) as err:
-            logger.error("backend %r unavailable: %s", backend, err)
+        except (SamplerUnavailable, ImportError) as err:
+            # Any backend that cannot run here (package, licence, credentials, its own
+            # service): the common root, not one backend's exception by name.
+            request_log.error("backend %r unavailable: %s", backend, err)
             raise ServiceError(503, "backend_unavailable", str(err)) from None
+        except SamplerError as err:
+            request_log.error("backend %r failed: %s", backend, err)
+            raise ServiceError(
+                500, "backend_error", f"Backend {backend!r} failed: {type(err).__name__}: {err}"
+            ) from None
         except Exception as err:
-            logger.exception("backend %r failed", backend)
+            request_log.exception("backend %r failed", backend)
             raise ServiceError(
                 500, "backend_error", f"Backend {backend!r} failed: {type(err).__name__}: {err}"
             ) from None

@@ -27,8 +27,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "(units x reads x sweeps per read) is refused with 413 before sampling; one that "
         "does not finish within --deadline seconds (queue and sampling) gets 503 "
         "deadline_exceeded; with --max-queue requests in progress the next gets 429 and "
-        "Retry-After. Requests are sampled by --workers threads in fair chunks (a small "
-        "request waits about one chunk behind a big one), and work whose client has "
+        "Retry-After. Requests are sampled by --workers threads in fair chunks, plus one "
+        "express thread for small requests (about 0.1 s of work: they start at once even "
+        "when big ones keep every worker busy), and work whose client has "
         "disconnected is stopped. Connections: at most --max-connections (never more than "
         "the file limit, ulimit -n, minus 64; at the cap the oldest idle connection is "
         "closed), --header-timeout seconds to send a request head, --body-timeout for the "
@@ -78,7 +79,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="Seconds a request may take in the service, queue included [%(default)s].",
     )
     limit.add_argument(
-        "--workers", type=int, default=d.workers, help="Sampling threads [%(default)s]."
+        "--workers",
+        type=int,
+        default=d.workers,
+        help="Sampling threads, plus one express thread for small requests [%(default)s].",
     )
     limit.add_argument(
         "--max-queue",

@@ -31,7 +31,9 @@ class ServiceLimits:
         ``remote`` client's default ``timeout`` of 60 s, so a client hears why.
     workers
         Sampling threads. The native samplers release the GIL in their kernels, so threads
-        run in parallel and the event loop keeps answering meanwhile.
+        run in parallel and the event loop keeps answering meanwhile. One more *express*
+        thread runs only small requests (about 0.1 s of work), so a small request starts at
+        once even when every worker is busy with big ones.
     max_queue
         Requests admitted at once (queued or running); one more gets 429 with a
         ``Retry-After`` estimated from the queued work.

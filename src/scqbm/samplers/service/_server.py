@@ -7,6 +7,8 @@ asyncio logs a traceback for every failed ``accept()``. Here a connection gets
 without a request in progress), at most ``connection_cap()`` connections are open (at the
 cap the oldest idle one is closed for the newcomer, so a flood of idle sockets cannot lock
 out real clients), and out-of-resource accept errors are logged once a minute with a count.
+The warning uvicorn logs for every malformed HTTP request is rate-limited the same way (one
+line per message every ``LOG_INTERVAL`` seconds, with the number suppressed).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ._limits import ServiceLimits
+from ._ratelog import LOG_INTERVAL, RateLimitedLog
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +70,17 @@ def guarded_protocol(limits: ServiceLimits) -> type[H11Protocol]:
     """An ``H11Protocol`` class enforcing ``limits``' connection cap and header timeout."""
     connections = _Connections(limits.connection_cap())
     header_timeout = limits.header_timeout
+    # uvicorn warns once per malformed request ("Invalid HTTP request received."): shared by
+    # every connection, so a client looping on garbage yields one line per LOG_INTERVAL.
+    quiet = RateLimitedLog(logging.getLogger("uvicorn.error"), LOG_INTERVAL)
 
     class GuardedH11Protocol(H11Protocol):
         _connections = connections
+        malformed_log = quiet
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.logger = quiet
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             self._header_timer: asyncio.TimerHandle | None = None
