@@ -32,9 +32,9 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 rm -rf docs/_build/html docs/_build/doctrees docs/generated
 start=$(date +%s)
-# -W: warnings are errors (--keep-going lists them all first). Nitpicky mode (-n) is off until
-# the 19 unresolved cross-references left by the last merge are fixed (private names, module
-# constants, new error classes missing from api.md); -T: print the full traceback, which holds the failing cell of a notebook.
+# -W: warnings are errors (--keep-going lists them all first), unresolved cross-references to
+# scqbm's own API included (nitpicky, docs/conf.py); -T: print the full traceback, which holds
+# the failing cell of a notebook.
 status=0
 "$PYTHON" -m sphinx -W --keep-going -T -b html -d docs/_build/doctrees docs docs/_build/html \
     "$@" || status=$?

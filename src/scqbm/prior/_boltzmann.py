@@ -3,7 +3,7 @@
 :class:`BoltzmannPrior` is the one owner of the Boltzmann side of the model: its parameters,
 the stored estimate of log Z (value and standard error, as buffers) with the estimator
 settings, the KL term of the ELBO, and fresh samples. The module calls it; the training plan
-only decides when to :meth:`~BoltzmannPrior.refresh`.
+only decides when to :meth:`~scqbm.prior.BoltzmannPrior.refresh`.
 """
 
 from __future__ import annotations
@@ -65,11 +65,11 @@ class BoltzmannPrior(nn.Module):
         :data:`~scqbm.prior.MAX_EXACT_UNITS` units need enumerating).
     ais_kwargs
         ``n_chains`` and ``n_betas`` of routine AIS refreshes (defaults
-        :data:`AIS_N_CHAINS`, :data:`AIS_N_BETAS`); ``final_n_chains`` and ``final_n_betas``
+        ``AIS_N_CHAINS``, ``AIS_N_BETAS``); ``final_n_chains`` and ``final_n_betas``
         of the final estimate at the end of training.
     log_z_tolerance
         Largest allowed distance (nats) between the stored log Z and that of the current
-        parameters, as guaranteed by :meth:`log_z_drift`; the training plan refreshes when
+        parameters, as guaranteed by :meth:`~scqbm.prior.BoltzmannPrior.log_z_drift`; the training plan refreshes when
         the drift exceeds it.
 
     Notes
@@ -321,7 +321,7 @@ class BoltzmannPrior(nn.Module):
         return self.coupling_matrix(self._ref_couplings.reshape(self.couplings.shape))
 
     def needs_refresh(self) -> bool:
-        """Whether :meth:`log_z_drift` exceeds ``log_z_tolerance``."""
+        """Whether :meth:`~scqbm.prior.BoltzmannPrior.log_z_drift` exceeds ``log_z_tolerance``."""
         return self.log_z_drift() > self.log_z_tolerance
 
     # --------------------------------------------------------------------- KL

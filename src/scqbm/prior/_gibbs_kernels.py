@@ -138,7 +138,7 @@ def dense_gibbs_sweep(
     scheme
         ``"blocked"`` or ``"single_site"`` (see above).
     block_size
-        Units per block of the blocked scheme (default :data:`DENSE_BLOCK_SIZE`).
+        Units per block of the blocked scheme (default ``DENSE_BLOCK_SIZE``).
 
     Returns
     -------

@@ -22,7 +22,7 @@ class QBMTrainingPlan(TrainingPlan):
 
     On every training step, before the forward pass, it draws negative-phase samples of the
     prior outside autograd and hands them to the module's loss; it decides when the prior
-    re-estimates log Z (the one schedule: see :meth:`_keep_log_z_current`; never more than
+    re-estimates log Z (the one schedule: see ``_keep_log_z_current``; never more than
     once per optimizer step); and it gives the prior its own learning rate and weight decay.
 
     Log Z is refreshed whenever the prior's drift since the last estimate
