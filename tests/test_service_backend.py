@@ -32,8 +32,12 @@ from scqbm.samplers import (  # noqa: E402
     ServiceUnavailable,
     register_sampler,
 )
-from scqbm.samplers.service import ServiceLimits, create_app, encode_array  # noqa: E402
-from scqbm.samplers.service import _app  # noqa: E402
+from scqbm.samplers.service import (  # noqa: E402
+    ServiceLimits,
+    _app,
+    create_app,
+    encode_array,
+)
 
 TOKEN = "backend-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -199,7 +203,7 @@ def test_the_service_validates_with_the_samplers_check(monkeypatch):
     W[:2, 2:] = 0.3
     W[2:, :2] = 0.3
     body = {"h": [0.0] * 4, "W": W.tolist(), "num_reads": 2, "n_visible": 2}
-    h, W_parsed, reads, n_visible = _app._parse(json.dumps(body).encode(), ServiceLimits(), 1)
+    _, _, reads, n_visible = _app._parse(json.dumps(body).encode(), ServiceLimits(), 1)
     assert calls == [{"n_visible": 2}] and n_visible == 2 and reads == 2
     W[0, 1] = W[1, 0] = 0.5  # couples the first side within itself
     body["W"] = W.tolist()

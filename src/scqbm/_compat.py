@@ -21,8 +21,8 @@ from scvi.data._constants import _SCVI_UUID_KEY as SCVI_UUID_KEY
 from scvi.data._constants import _SETUP_ARGS_KEY as SETUP_ARGS_KEY
 from scvi.data._constants import _STATE_REGISTRY_KEY as STATE_REGISTRY_KEY
 from scvi.data._constants import ADATA_MINIFY_TYPE
-from scvi.data.fields import CategoricalJointObsField
 from scvi.data._utils import _get_adata_minify_type as get_adata_minify_type
+from scvi.data.fields import CategoricalJointObsField
 from scvi.model._utils import _get_batch_code_from_category as get_batch_code_from_category
 from scvi.model._utils import get_max_epochs_heuristic
 from scvi.model.base import _archesmixin, _base_model

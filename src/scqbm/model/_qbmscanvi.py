@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 class QBMSCANVI(SemisupervisedTrainingMixin, QBMVAE):
     """Semi-supervised QBM-VAE: scANVI's workflow on binary latents with a Boltzmann prior.
 
-    The usual path is :meth:`~scqbm.QBMSCANVI.from_qbmvae_model` on a trained :class:`~scqbm.QBMVAE`, as
+    The usual path is :meth:`~scqbm.QBMSCANVI.from_qbmvae_model` on a trained
+    :class:`~scqbm.QBMVAE`, as
     :meth:`scvi.model.SCANVI.from_scvi_model` on an SCVI model; then :meth:`train` (a few
     epochs), :meth:`predict` and :meth:`get_latent_representation`. Query cells are mapped
     with :meth:`prepare_query_anndata` and :meth:`load_query_data`, then predicted.
@@ -319,7 +320,10 @@ class QBMSCANVI(SemisupervisedTrainingMixin, QBMVAE):
         adata: AnnData | None = None,
         **qbmscanvi_kwargs,
     ) -> QBMSCANVI:
-        """Alias of :meth:`~scqbm.QBMSCANVI.from_qbmvae_model`, under scvi's name (``scvi_model`` is a QBMVAE)."""
+        """Alias of :meth:`~scqbm.QBMSCANVI.from_qbmvae_model` under scvi's name.
+
+        ``scvi_model`` is a trained QBMVAE.
+        """
         return cls.from_qbmvae_model(
             scvi_model,
             unlabeled_category=unlabeled_category,

@@ -135,7 +135,7 @@ class QBMVAEModule(VAE):
         return self.prior.exact
 
     def refresh_log_partition(self, final: bool = False, **ais_kwargs) -> LogPartitionEstimate:
-        """Re-estimate and store log Z (delegates to :meth:`~scqbm.prior.BoltzmannPrior.refresh`)."""
+        """Re-estimate and store log Z (see :meth:`~scqbm.prior.BoltzmannPrior.refresh`)."""
         return self.prior.refresh(final=final, **ais_kwargs)
 
     @torch.no_grad()
@@ -257,7 +257,7 @@ class QBMVAEModule(VAE):
         logits: torch.Tensor,
         negative_samples: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-cell ``KL(q(z|x) || p(z))`` (delegates to :meth:`~scqbm.prior.BoltzmannPrior.kl`)."""
+        """Per-cell ``KL(q(z|x) || p(z))`` (see :meth:`~scqbm.prior.BoltzmannPrior.kl`)."""
         return self.prior.kl(logits, negative_samples)
 
     def loss(

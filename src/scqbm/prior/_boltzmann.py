@@ -69,8 +69,8 @@ class BoltzmannPrior(nn.Module):
         of the final estimate at the end of training.
     log_z_tolerance
         Largest allowed distance (nats) between the stored log Z and that of the current
-        parameters, as guaranteed by :meth:`~scqbm.prior.BoltzmannPrior.log_z_drift`; the training plan refreshes when
-        the drift exceeds it.
+        parameters, as guaranteed by :meth:`~scqbm.prior.BoltzmannPrior.log_z_drift`; the
+        training plan refreshes when the drift exceeds it.
 
     Notes
     -----

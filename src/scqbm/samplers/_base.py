@@ -72,7 +72,7 @@ class SampleSet:
         problem: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         if energies is None and problem is None:
-            raise ValueError("A SampleSet needs its energies or the problem (h, W) they come from.")
+            raise ValueError("A SampleSet needs its energies or the problem (h, W) behind them.")
         self.samples = samples
         self._energies = energies
         self._problem = problem
