@@ -255,5 +255,8 @@ def test_single_cell_clear_error_for_training_and_fine_for_queries(adata):
 
 
 def test_no_adata_and_no_registry_names_the_data_module_way():
-    with pytest.raises(ValueError, match=r"registry=datamodule.registry"):
-        QBMVAE()
+    # As SCVI: built on train(datamodule=...); the warning names the registry way too.
+    with pytest.warns(UserWarning, match=r"registry=datamodule.registry"):
+        model = QBMVAE()
+    with pytest.raises(AttributeError, match=r"train\(datamodule=\.\.\.\)"):
+        model.train(max_epochs=1)

@@ -27,6 +27,16 @@ class InvalidInputError(ValueError):
     """User data cannot be used as given; the message says why and how to fix it."""
 
 
+class MissingKeyError(InvalidInputError, KeyError):
+    """A named ``adata.obs`` column is missing.
+
+    Also a :class:`KeyError`, which is what scvi-tools raises for it (``except KeyError``
+    in user code and scArches workflows keeps working).
+    """
+
+    __str__ = Exception.__str__  # the message itself, not KeyError's quoted repr
+
+
 def get_layer(adata: AnnData, layer: str | None):
     """``adata.X`` or ``adata.layers[layer]``, with a clear error if the layer is missing."""
     if layer is None:
@@ -54,7 +64,7 @@ def check_obs_keys(adata: AnnData, **keys: str | list[str] | None) -> None:
         names = [] if value is None else [value] if isinstance(value, str) else list(value)
         missing = [name for name in names if name not in adata.obs]
         if missing:
-            raise InvalidInputError(
+            raise MissingKeyError(
                 f"`{argument}`: column(s) {missing} not found in adata.obs (available: "
                 f"{list(adata.obs.columns)[:20]}{'...' if adata.obs.shape[1] > 20 else ''})."
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
-from scvi import REGISTRY_KEYS
+from scvi import REGISTRY_KEYS, settings
 from scvi.data import AnnDataManager
 from scvi.data.fields import (
     CategoricalJointObsField,
@@ -77,6 +78,17 @@ logger = logging.getLogger(__name__)
 COUNT_LIKELIHOODS = ("zinb", "nb", "poisson")
 
 
+def _refuse_gaussian_latent(kwargs: dict) -> None:
+    """``latent_distribution="ln"`` has no binary counterpart; ``"normal"`` is ignored."""
+    latent_distribution = kwargs.get("latent_distribution", "normal")
+    if latent_distribution != "normal":
+        raise ValueError(
+            f"latent_distribution={latent_distribution!r} is an option of SCVI's Gaussian "
+            "latent; QBMVAE's latent is binary (Bernoulli posterior, Boltzmann prior). "
+            "'normal' is accepted and ignored, for SCVI's signature."
+        )
+
+
 class QBMVAE(
     EmbeddingMixin,
     RNASeqMixin,
@@ -94,10 +106,13 @@ class QBMVAE(
     Parameters
     ----------
     adata
-        AnnData registered with :meth:`setup_anndata`. ``None`` only together with
-        ``registry`` (used by :meth:`load` without data).
+        AnnData registered with :meth:`setup_anndata`. ``None`` with ``registry``: the
+        registry of a custom data module (``datamodule.registry``) or of a saved model (used
+        by :meth:`load` without data). ``None`` without ``registry``: as in SCVI, the module is
+        built by ``train(datamodule=...)`` from the data module's ``n_vars``, ``n_batch``,
+        ``n_labels``, ``n_continuous_cov`` and ``n_cats_per_cov`` (a ``UserWarning`` says so).
     registry
-        Registry of a saved model (internal use by :meth:`load`).
+        Registry of a custom data module or of a saved model (see ``adata``).
     n_hidden, n_layers, dropout_rate, dispersion, use_observed_lib_size
         As in :class:`scvi.model.SCVI`.
     n_latent
@@ -171,15 +186,45 @@ class QBMVAE(
         **kwargs,
     ):
         if adata is None and registry is None:
-            raise ValueError(
-                "QBMVAE needs `adata` (set up with QBMVAE.setup_anndata) or, to train from a "
-                "custom LightningDataModule, its registry: "
-                "`QBMVAE(adata=None, registry=datamodule.registry)`, then "
-                "`model.train(datamodule=datamodule)`."
+            _refuse_gaussian_latent(kwargs)
+            # As SCVI: the module is built by train(datamodule=...) from the data module.
+            # scvi-tools' base class lets only SCVI (by class name) start without either: an
+            # empty registry gets past that check, and is cleared at once.
+            super().__init__(None, {"field_registries": {}})
+            self.registry_ = None
+            self._module_init_on_train = True
+            self._module_kwargs = {
+                "n_hidden": n_hidden,
+                "n_latent": n_latent,
+                "n_layers": n_layers,
+                "dropout_rate": dropout_rate,
+                "dispersion": dispersion,
+                "gene_likelihood": gene_likelihood,
+                "use_observed_lib_size": use_observed_lib_size,
+                "prior": prior,
+                "relaxation": relaxation,
+                "beta": beta,
+                "sampler": sampler,
+                "sampler_kwargs": sampler_kwargs,
+                "log_partition": log_partition,
+                **kwargs,
+            }
+            self._model_summary_string = f"QBMVAE model (not built yet), n_latent: {n_latent}."
+            self.module = None
+            warnings.warn(
+                "Model was initialized without `adata`. The module will be initialized when "
+                "calling `train(datamodule=...)`, as in scvi-tools (experimental there). To "
+                "build it now from a custom LightningDataModule, pass its registry: "
+                "`QBMVAE(adata=None, registry=datamodule.registry)`.",
+                UserWarning,
+                stacklevel=settings.warnings_stacklevel,
             )
+            self.init_params_ = self._get_init_params(locals())
+            return
         if adata is not None:
             redo_undone_setup(type(self), adata)
         try:
+            _refuse_gaussian_latent(kwargs)
             super().__init__(adata, registry)
             if gene_likelihood not in (*COUNT_LIKELIHOODS, "normal"):
                 raise ValueError(
@@ -342,6 +387,21 @@ class QBMVAE(
         """
         if datamodule is None and self.adata is not None:
             check_model_data(self.adata.n_obs)
+        if self.module is None:  # QBMVAE(adata=None): built from the data module, as SCVI
+            if datamodule is None:
+                raise AttributeError(
+                    "This QBMVAE was created without `adata`: pass the data to train on as "
+                    "`train(datamodule=...)`."
+                )
+            self.module = self._module_cls(
+                datamodule.n_vars,
+                n_batch=datamodule.n_batch,
+                n_labels=getattr(datamodule, "n_labels", 1),
+                n_continuous_cov=getattr(datamodule, "n_continuous_cov", 0),
+                n_cats_per_cov=getattr(datamodule, "n_cats_per_cov", None),
+                **self._module_kwargs,
+            )
+            self.module.minified_data_type = None
         with restore_on_failure(self, kwargs):
             return super().train(*args, datamodule=datamodule, **kwargs)
 
