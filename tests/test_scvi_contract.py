@@ -210,3 +210,12 @@ def test_version_range_declared_matches_installed():
     assert ">=1.4" in spec and "<1.6" in spec
     major, minor = (int(x) for x in _compat.SCVI_VERSION.split(".")[:2])
     assert (1, 4) <= (major, minor) < (1, 6)
+
+
+def test_module_signature_names_vae_arguments():
+    # scvi-tools 1.4 rebuilds a data-module model's module from these names on `load`.
+    from scqbm.module import QBMVAEModule
+
+    names = set(inspect.signature(QBMVAEModule).parameters)
+    assert {"n_input", "n_latent", "prior", "n_batch", "n_hidden", "n_layers"} <= names
+    assert "self" not in names

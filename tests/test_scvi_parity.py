@@ -759,15 +759,8 @@ def test_no_anndata_initialises_on_train():  # test_scvi_no_anndata
     assert model.module is not None and model.is_trained
 
 
-@pytest.mark.xfail(
-    not REFERENCE and SCVI_BEFORE_1_5,
-    strict=True,
-    reason="scvi-tools 1.4's load rebuilds a setup_datamodule model's module from the "
-    "arguments in inspect.signature(QBMVAEModule), which hides VAE's (n_batch, n_hidden, ...) "
-    "behind **vae_kwargs: the module gets their defaults and load_state_dict fails (1.5 "
-    "rebuilds it only for load(datamodule=...)). Needs a signature on QBMVAEModule that lists "
-    "VAE's keyword arguments.",
-)
+# scvi-tools 1.4's load rebuilds such a module from the arguments its signature names: this
+# needs QBMVAEModule's signature to list VAE's keyword arguments.
 def test_custom_datamodule_save_load(tmp_path):  # the save/load of test_scvi_no_anndata
     from test_dropin import CellsDataModule  # scvi-style batches with a registry
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Literal
 
@@ -353,3 +354,25 @@ class QBMVAEModule(VAE):
         if return_mean:
             return torch.mean(log_lkl).item()
         return log_lkl.cpu()
+
+
+def _signature_with_vae_arguments(cls) -> inspect.Signature:
+    """``cls.__init__``'s signature with VAE's keyword arguments spelled out.
+
+    scvi-tools rebuilds a module from the saved init arguments that its class signature names
+    (``load`` of a model trained from a data module, on scvi-tools 1.4); behind
+    ``**vae_kwargs`` it would see neither ``n_batch`` nor ``n_hidden``. The VAE arguments are
+    read from the installed :class:`~scvi.module.VAE`, so they follow its release.
+    """
+    own = inspect.signature(cls.__init__).parameters
+    params = [p for name, p in own.items() if name != "self" and p.kind is not p.VAR_KEYWORD]
+    params = [params[0], *(p.replace(kind=p.KEYWORD_ONLY) for p in params[1:])]
+    params += [
+        p.replace(kind=p.KEYWORD_ONLY)
+        for name, p in inspect.signature(VAE.__init__).parameters.items()
+        if name not in own and p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty
+    ]
+    return inspect.Signature([*params, own["vae_kwargs"]])
+
+
+QBMVAEModule.__signature__ = _signature_with_vae_arguments(QBMVAEModule)
