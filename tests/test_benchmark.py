@@ -79,6 +79,8 @@ def test_suite_writes_results(suite):
     assert scaled.min() >= 0 and scaled.max() <= 1
     readme = (out / "README.md").read_text()
     assert "qbmvae_rbm" in readme and "scIB Total" in readme and "kbet_per_label" in readme
+    # The regime is named even though runs were trained (a run's Training once shadowed it).
+    assert "training regime `matched`" in readme
     # Embeddings live in the cache, not next to the committable results.
     assert not list(out.glob("*.npy"))
     assert list((out / "runs").rglob("embedding.npy"))

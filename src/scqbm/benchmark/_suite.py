@@ -325,7 +325,8 @@ def run_suite(
             if output is None:
                 computed = True
                 cached_tasks = {}
-                training = Training(
+                # Not ``training``: that name is the regime string the report needs.
+                run_training = Training(
                     regime=regime_of.regime,
                     max_epochs=regime_of.max_epochs,
                     run_dir=run_dir,
@@ -334,9 +335,11 @@ def run_suite(
                 )
                 run_dir.mkdir(parents=True, exist_ok=True)
                 if method.trained:
-                    output = method.fit(data.adata, data.batch_key, seed, training, **model_kwargs)
+                    output = method.fit(
+                        data.adata, data.batch_key, seed, run_training, **model_kwargs
+                    )
                 else:
-                    output = method.fit(data.adata, data.batch_key, seed, training)
+                    output = method.fit(data.adata, data.batch_key, seed, run_training)
                 save_output(run_dir, fit_config, output)
             rows = [
                 {"task": "fit", "metric": k, "metric_type": "", "value": float(v)}
