@@ -79,6 +79,8 @@ def test_suite_writes_results(suite):
     assert scaled.min() >= 0 and scaled.max() <= 1
     readme = (out / "README.md").read_text()
     assert "qbmvae_rbm" in readme and "scIB Total" in readme and "kbet_per_label" in readme
+    # The regime is named even though runs were trained (a run's Training once shadowed it).
+    assert "training regime `matched`" in readme
     # Embeddings live in the cache, not next to the committable results.
     assert not list(out.glob("*.npy"))
     assert list((out / "runs").rglob("embedding.npy"))
@@ -116,6 +118,79 @@ def test_rerun_reuses_cache(suite, monkeypatch):
     # A different training configuration is a new run (the patched fit is called).
     changed = run_suite(**{**kwargs, "max_epochs": 3, "methods": ["qbmvae_rbm"]})
     assert changed.n_computed == 0 and "qbmvae_rbm (seed 0)" in changed.skipped
+
+
+def test_import_metrics_fills_in_runs_the_cache_lacks(suite, tmp_path):
+    result, kwargs = suite
+    earlier = result.metrics
+    qbm = earlier[earlier["method"] == "qbmvae_rbm"]
+    # An earlier page holds qbmvae_rbm seed 1, which the cache lacks, with its own raw scib
+    # values and a stale derived Total, plus a seed-0 run that the cache must win over.
+    seed1 = qbm.assign(seed=1)
+    raw1 = seed1["task"] == "scib_raw"
+    seed1.loc[raw1, "value"] = seed1.loc[raw1, "value"] * 0.5
+    seed1.loc[seed1["task"] == "scib", "value"] = 99.0
+    stale0 = qbm.assign(value=-1.0)
+    path = tmp_path / "earlier_metrics.csv"
+    pd.concat([stale0, seed1]).to_csv(path, index=False)
+
+    merged = run_suite(
+        **{
+            **kwargs,
+            "seeds": [0, 1],
+            "out": tmp_path / "page",
+            "cache_dir": result.out / "runs",
+            "only_cached": True,
+            "import_metrics": path,
+            "figures": False,
+        }
+    )
+    assert merged.n_computed == 0 and not merged.skipped  # seed 1 is not "not run yet"
+    sources = {(m, s): src for m, s, src in merged.runs.itertuples(index=False)}
+    assert sources == {
+        ("pca", 0): "cached",
+        ("qbmvae_rbm", 0): "cached",
+        ("qbmvae_rbm", 1): "imported",
+    }
+    metrics = merged.metrics
+
+    def values(frame, seed, task):
+        sel = frame[(frame["method"] == "qbmvae_rbm") & (frame["seed"] == seed)]
+        return sel[sel["task"] == task].set_index("metric")["value"].sort_index()
+
+    # The cached seed-0 run wins; the imported seed 1 keeps its raw values ...
+    pd.testing.assert_series_equal(values(metrics, 0, "scib_raw"), values(earlier, 0, "scib_raw"))
+    pd.testing.assert_series_equal(
+        values(metrics, 1, "scib_raw"), values(earlier, 0, "scib_raw") * 0.5
+    )
+    # ... and the aggregates, min-max scaling included, are recomputed over all three runs.
+    raw = metrics[metrics["task"] == "scib_raw"]
+    for task, scaled in (("scib", False), ("scib_minmax", True)):
+        expected = aggregate_scib(raw, min_max_scale=scaled).set_index(["method", "seed"])
+        got = metrics[(metrics["task"] == task) & (metrics["metric"] == "Total")]
+        got = got.set_index(["method", "seed"])["value"]
+        assert len(got) == 3
+        np.testing.assert_allclose(got.sort_index(), expected["Total"].sort_index())
+    assert (metrics["value"] != 99.0).all() and (metrics["value"] != -1.0).all()
+    n_seeds = merged.summary.query("method == 'qbmvae_rbm' and task == 'fit'")["n_seeds"]
+    assert (n_seeds == 2).all()
+    readme = (merged.out / "README.md").read_text()
+    assert "1 imported from" in readme and str(path) in readme
+    assert "| qbmvae_rbm | 0 | 1 |" in readme  # seeds from the cache | imported
+
+    other = tmp_path / "other_dataset.csv"
+    pd.concat([stale0, seed1]).assign(dataset="kang").to_csv(other, index=False)
+    with pytest.raises(ValueError, match="kang"):
+        run_suite(
+            **{
+                **kwargs,
+                "out": tmp_path / "page2",
+                "cache_dir": result.out / "runs",
+                "only_cached": True,
+                "import_metrics": other,
+                "figures": False,
+            }
+        )
 
 
 def test_gaussian_ablation_matches_qbmvae_architecture():

@@ -110,6 +110,16 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
         action="store_true",
         help="Train nothing: report the finished runs of the cache, list the others as not run.",
     )
+    parser.add_argument(
+        "--import-metrics",
+        metavar="PATH",
+        help=(
+            "metrics.csv of an earlier page of the same dataset and configuration: its runs "
+            "fill in the planned (method, seed) runs that the cache lacks (the cache wins); "
+            "the scIB aggregates and means are recomputed over all runs and the page lists "
+            "which runs were imported."
+        ),
+    )
     return parser
 
 
@@ -142,9 +152,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         command=command,
         only_cached=args.only_cached,
+        import_metrics=args.import_metrics,
     )
     print(
-        f"scqbm benchmark: {result.n_computed} runs computed, {result.n_cached} reused; "
+        f"scqbm benchmark: {result.n_computed} runs computed, {result.n_cached} reused, "
+        f"{int((result.runs['source'] == 'imported').sum())} imported; "
         f"results in {result.out}/ (README.md, metrics.csv, summary.csv, figures/)"
     )
     for name, reason in result.skipped.items():

@@ -175,14 +175,25 @@ def _figure_scib(metrics: pd.DataFrame, methods: list[str], path: Path, scaled: 
     plt.close(fig)
 
 
-def _figure_umaps(data, run_root: Path, methods: list[str], seed: int, path: Path) -> bool:
+def _first_cached(run_root, methods: list[str], seeds: list[int], name: str) -> dict:
+    """``{method: (seed, path)}`` of the first seed of each method whose run has file ``name``."""
+    found = {}
+    for m in methods:
+        for seed in seeds:
+            f = run_root(m) / f"seed{seed}" / name
+            if f.exists():
+                found[m] = (seed, f)
+                break
+    return found
+
+
+def _figure_umaps(data, run_root: Path, methods: list[str], seeds: list[int], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
-    coords = {}
-    for m in methods:
-        f = run_root(m) / f"seed{seed}" / "umap.npy"
-        if f.exists():
-            coords[m] = np.load(f)
+    coords = {
+        f"{m} (seed {seed})": np.load(f)
+        for m, (seed, f) in _first_cached(run_root, methods, seeds, "umap.npy").items()
+    }
     if not coords:
         return False
     keys = [k for k in (data.batch_key, data.label_key) if k is not None]
@@ -227,16 +238,21 @@ def _figure_umaps(data, run_root: Path, methods: list[str], seed: int, path: Pat
     return True
 
 
-def _figure_energy(data, run_root: Path, methods: list[str], seed: int, path: Path) -> bool:
+def _figure_energy(
+    data, run_root: Path, methods: list[str], seeds: list[int], path: Path
+) -> bool:
     import matplotlib.pyplot as plt
 
     energies = {}
     for m in methods:
-        f = run_root(m) / f"seed{seed}" / "extras.npz"
-        if f.exists():
+        for seed in seeds:
+            f = run_root(m) / f"seed{seed}" / "extras.npz"
+            if not f.exists():
+                continue
             with np.load(f) as extras:
                 if "energy" in extras.files:
-                    energies[m] = extras["energy"]
+                    energies[f"{m} (seed {seed})"] = extras["energy"]
+                    break
     if not energies:
         return False
     labels = data.adata.obs[data.label_key].astype(str).to_numpy()
@@ -249,7 +265,7 @@ def _figure_energy(data, run_root: Path, methods: list[str], seed: int, path: Pa
         ax.set_xticks(range(1, len(cats) + 1))
         ax.set_xticklabels(cats, rotation=60, ha="right", fontsize=8)
         ax.set_ylabel("prior energy E_q[E(z)] (low = probable)")
-        ax.set_title(f"{m} (seed {seed})", fontsize=9)
+        ax.set_title(m, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -296,15 +312,14 @@ CURVES = [
 ]
 
 
-def _figure_curves(run_root, methods: list[str], seed: int, path: Path) -> bool:
+def _figure_curves(run_root, methods: list[str], seeds: list[int], path: Path) -> bool:
     """Per-epoch training curves (ELBO, reconstruction, KL, log Z) of the neural methods."""
     import matplotlib.pyplot as plt
 
-    histories = {}
-    for m in methods:
-        f = run_root(m) / f"seed{seed}" / "history.csv"
-        if f.exists():
-            histories[m] = pd.read_csv(f, index_col="epoch")
+    histories = {
+        f"{m} (seed {seed})": pd.read_csv(f, index_col="epoch")
+        for m, (seed, f) in _first_cached(run_root, methods, seeds, "history.csv").items()
+    }
     panels = [(c, t) for c, t in CURVES if any(c in h for h in histories.values())]
     if not histories or not panels:
         return False
@@ -366,28 +381,37 @@ def write_report(
                     f"(figures/{path.name})"
                 )
         path = fig_dir / "umaps.png"
-        if _figure_umaps(data, run_root, methods, seeds[0], path):
+        if _figure_umaps(data, run_root, methods, seeds, path):
             files.append(path)
             figure_lines.append(
-                f"![UMAPs by batch and cell type (seed {seeds[0]})](figures/{path.name})"
+                "![UMAPs by batch and cell type (first seed of each method with a cached run)]"
+                f"(figures/{path.name})"
             )
         path = fig_dir / "training_curves.png"
-        if _figure_curves(run_root, methods, seeds[0], path):
+        if _figure_curves(run_root, methods, seeds, path):
             files.append(path)
             figure_lines.append(
-                f"![Training curves per epoch (seed {seeds[0]})](figures/{path.name})"
+                "![Training curves per epoch (first seed of each method with a cached run)]"
+                f"(figures/{path.name})"
             )
         path = fig_dir / "energy_by_cell_type.png"
-        if _figure_energy(data, run_root, methods, seeds[0], path):
+        if _figure_energy(data, run_root, methods, seeds, path):
             files.append(path)
             figure_lines.append(f"![QBMVAE prior energy by cell type](figures/{path.name})")
 
     summary = result.summary
+    runs = getattr(result, "runs", None)
+    imported_from = getattr(result, "imported_from", None)
+    n_imported = int((runs["source"] == "imported").sum()) if runs is not None else 0
+    imported_note = (
+        f", {n_imported} imported from `{imported_from}`" if imported_from is not None else ""
+    )
     lines = [
         f"# scqbm benchmark: {data.name}",
         "",
         f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC in {seconds / 60:.1f} min "
-        f"({result.n_computed} runs computed, {result.n_cached} reused from the cache).",
+        f"({result.n_computed} runs computed, {result.n_cached} reused from the cache"
+        f"{imported_note}).",
         "",
         "```",
         command or "(Python API call; no command line recorded)",
@@ -411,6 +435,39 @@ def write_report(
         method, kwargs = resolve_method(m)
         extra = f" with {kwargs}" if kwargs else ""
         lines.append(f"- `{m}`: {method.description}{extra}.")
+    if runs is not None and len(runs):
+        lines += ["", "## Runs", ""]
+        if imported_from is not None:
+            lines += [
+                f"Runs marked *imported* are read from `{imported_from}` (the per-run values of "
+                "an earlier page, whose cached embeddings are gone): their raw metrics are "
+                "reused as they are, and the scIB aggregates, min-max scaling and means are "
+                "recomputed over every run of this page. Runs from the cache were trained "
+                "(*computed*) by this command or by an earlier one with the same "
+                "configuration (*cached*). The figures other than the scIB tables can only "
+                "draw runs of the cache.",
+                "",
+            ]
+        labels = {"computed": "computed now", "cached": "from the cache", "imported": "imported"}
+        table = pd.DataFrame(
+            {
+                label: [
+                    ", ".join(
+                        str(s)
+                        for s in runs.loc[
+                            (runs["method"] == m) & (runs["source"] == source), "seed"
+                        ]
+                    )
+                    or "–"
+                    for m in methods
+                ]
+                for source, label in labels.items()
+                if (runs["source"] == source).any()
+            },
+            index=methods,
+        )
+        lines += ["Seeds of each method by where the run comes from:", ""]
+        lines += [_markdown_table(table)]
     if result.skipped:
         lines += ["", "Not run:", ""]
         lines += [f"- `{m}`: {reason}" for m, reason in result.skipped.items()]

@@ -49,6 +49,12 @@ class SuiteResult:
         Runs computed now and runs reused from the cache.
     skipped
         ``{method: reason}`` for methods that could not run (not installed, no batch, failed).
+    runs
+        Where each run on the page comes from: ``method, seed, source`` with source
+        ``"computed"`` (trained or scored now), ``"cached"`` (reused from the cache) or
+        ``"imported"`` (read from ``import_metrics``; no embedding behind it).
+    imported_from
+        The ``metrics.csv`` the imported runs were read from (``None`` without an import).
 
     """
 
@@ -59,6 +65,10 @@ class SuiteResult:
     n_computed: int = 0
     n_cached: int = 0
     skipped: dict[str, str] = field(default_factory=dict)
+    runs: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=["method", "seed", "source"])
+    )
+    imported_from: Path | None = None
 
 
 def _task_rows(
@@ -144,6 +154,7 @@ def run_suite(
     progress: bool = True,
     command: str | None = None,
     only_cached: bool = False,
+    import_metrics: str | Path | None = None,
 ) -> SuiteResult:
     """Run methods x seeds on a dataset, score every task and write the results folder.
 
@@ -153,6 +164,12 @@ def run_suite(
     configuration that produced it. A rerun with the same configuration reuses them; a task
     that is new or changed is scored from the cached run without refitting. Methods whose
     embedding does not depend on the seed (PCA, Scanorama) run once, with the first seed.
+
+    With ``import_metrics``, the per-run values of an earlier ``metrics.csv`` (for example a
+    committed results page whose cache is gone) are merged with the runs of the cache: every
+    planned (method, seed) that the cache does not hold is taken from that file, the scIB
+    aggregates (min-max scaling included) and the means are recomputed over all runs, and the
+    page lists which runs were imported.
 
     Parameters
     ----------
@@ -203,6 +220,15 @@ def run_suite(
     only_cached
         Train nothing: neural runs without a finished fit in the cache are listed as not run
         (to write the page while long runs go on elsewhere); untrained methods still run.
+    import_metrics
+        A ``metrics.csv`` written by this suite for the same dataset and configuration. Its raw
+        per-run rows (fit, scib-metrics values, classification, trajectory, rare cells, energy,
+        DE; not the derived aggregates, which are recomputed) fill in the planned runs of
+        ``methods`` x ``seeds`` that are neither in the cache nor computed now; a run in the
+        cache always wins over an imported one. The file records no training configuration:
+        importing it is a statement that it was produced by the same command. Imported runs
+        have no embeddings, so UMAPs, training curves and energy box plots show only runs of
+        the cache.
 
     Returns
     -------
@@ -259,6 +285,8 @@ def run_suite(
         runs.extend((name, s) for s in seeds[: max(1, n_seeds)])
 
     all_rows: list[dict] = []
+    sources: list[dict] = []
+    umap_done: set[str] = set()
     n_cached = n_computed = 0
     bar = tqdm(runs, desc=f"scqbm benchmark {data.name}", unit="run", disable=not progress)
     for name, seed in bar:
@@ -274,8 +302,9 @@ def run_suite(
             **(regime or {}),
         }
         # UMAP coordinates are not metrics: a scored run is reused whether or not it has them,
-        # and they are added to it when they are wanted (first seed) and missing.
-        want_umap = umap and seed == seeds[0]
+        # and they are added to it when they are wanted (the first seed of each method that has
+        # a run) and missing.
+        want_umap = umap and name not in umap_done
         targets = {"rare": data.rare_labels, "subsample": data.subsample_label}
         metrics_file = run_dir / "metrics.json"
         saved = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
@@ -296,7 +325,8 @@ def run_suite(
             if output is None:
                 computed = True
                 cached_tasks = {}
-                training = Training(
+                # Not ``training``: that name is the regime string the report needs.
+                run_training = Training(
                     regime=regime_of.regime,
                     max_epochs=regime_of.max_epochs,
                     run_dir=run_dir,
@@ -305,9 +335,11 @@ def run_suite(
                 )
                 run_dir.mkdir(parents=True, exist_ok=True)
                 if method.trained:
-                    output = method.fit(data.adata, data.batch_key, seed, training, **model_kwargs)
+                    output = method.fit(
+                        data.adata, data.batch_key, seed, run_training, **model_kwargs
+                    )
                 else:
-                    output = method.fit(data.adata, data.batch_key, seed, training)
+                    output = method.fit(data.adata, data.batch_key, seed, run_training)
                 save_output(run_dir, fit_config, output)
             rows = [
                 {"task": "fit", "metric": k, "metric_type": "", "value": float(v)}
@@ -339,6 +371,7 @@ def run_suite(
                 )
             if want_umap and not (run_dir / "umap.npy").exists():
                 _umap(output.embedding, seed, run_dir)
+            umap_done.add(name)
         except Exception as err:  # one failing method must not sink the whole suite
             logger.error("%s seed %d failed:\n%s", name, seed, traceback.format_exc())
             skipped[f"{name} (seed {seed})"] = f"failed: {type(err).__name__}: {err}"
@@ -346,10 +379,29 @@ def run_suite(
         n_computed += computed
         n_cached += not computed
         all_rows.extend({"method": name, "seed": seed, **r} for r in rows)
+        sources.append(
+            {"method": name, "seed": seed, "source": "computed" if computed else "cached"}
+        )
 
     metrics = pd.DataFrame(
         all_rows, columns=["method", "seed", "task", "metric", "metric_type", "value"]
     )
+    order = {run: i for i, run in enumerate(runs)}
+    imported_from = None
+    if import_metrics is not None:
+        imported_from = Path(import_metrics)
+        have = {(s["method"], s["seed"]) for s in sources}
+        imported = _imported_rows(imported_from, data.name, runs, have, tasks)
+        pairs = list(dict.fromkeys(zip(imported["method"], imported["seed"], strict=True)))
+        for name, seed in pairs:
+            skipped.pop(f"{name} (seed {seed})", None)
+            sources.append({"method": name, "seed": seed, "source": "imported"})
+        metrics = pd.concat([metrics, imported], ignore_index=True)
+        position = [order[r] for r in zip(metrics["method"], metrics["seed"], strict=True)]
+        metrics = metrics.iloc[np.argsort(position, kind="stable")].reset_index(drop=True)
+    run_sources = pd.DataFrame(sources, columns=["method", "seed", "source"])
+    position = [order[r] for r in zip(run_sources["method"], run_sources["seed"], strict=True)]
+    run_sources = run_sources.iloc[np.argsort(position, kind="stable")].reset_index(drop=True)
     for derive in (_rare_means, _scib_aggregates):
         derived = derive(metrics)
         if not derived.empty:
@@ -363,6 +415,8 @@ def run_suite(
         n_computed=n_computed,
         n_cached=n_cached,
         skipped=skipped,
+        runs=run_sources,
+        imported_from=imported_from,
     )
     result.files = write_report(
         result,
@@ -382,6 +436,43 @@ def run_suite(
         seconds=time.perf_counter() - started,
     )
     return result
+
+
+#: Rows of ``metrics.csv`` derived from the others (recomputed, never imported).
+_DERIVED = (("scib", None), ("scib_minmax", None), ("rare", "f1_mean_rare"))
+
+
+def _imported_rows(
+    path: Path,
+    dataset_name: str,
+    runs: list[tuple[str, int]],
+    have: set[tuple[str, int]],
+    tasks: Sequence[str],
+) -> pd.DataFrame:
+    """Raw per-run rows of an earlier ``metrics.csv`` for the planned runs not in ``have``."""
+    table = pd.read_csv(path)
+    columns = ["method", "seed", "task", "metric", "metric_type", "value"]
+    missing = {"dataset", *columns} - set(table.columns)
+    if missing:
+        raise ValueError(f"{path} is not a suite's metrics.csv: no columns {sorted(missing)}.")
+    datasets = set(table["dataset"].astype(str))
+    if datasets != {dataset_name}:
+        raise ValueError(
+            f"{path} holds datasets {sorted(datasets)}, not {dataset_name!r}: nothing imported."
+        )
+    table["seed"] = table["seed"].astype(int)
+    table["metric_type"] = table["metric_type"].fillna("")
+    derived = np.zeros(len(table), dtype=bool)
+    for task, metric in _DERIVED:
+        hit = table["task"] == task
+        if metric is not None:
+            hit &= table["metric"] == metric
+        derived |= hit.to_numpy()
+    wanted_tasks = {"fit", *tasks} | ({"scib_raw"} if "integration" in tasks else set())
+    wanted_runs = set(runs) - have
+    planned = [r in wanted_runs for r in zip(table["method"], table["seed"], strict=True)]
+    keep = ~derived & table["task"].isin(wanted_tasks).to_numpy() & np.array(planned, dtype=bool)
+    return table.loc[keep, columns].reset_index(drop=True)
 
 
 def _rare_means(metrics: pd.DataFrame) -> pd.DataFrame:
