@@ -324,11 +324,14 @@ def _figure_curves(run_root, methods: list[str], seeds: list[int], path: Path) -
     if not histories or not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    # One colour per method in every panel (log Z exists for QBMVAE only; a panel's own colour
+    # cycle would give its curves the colours of other methods in the legend).
+    colours = {m: f"C{i % 10}" for i, m in enumerate(histories)}
     for ax, (column, title) in zip(axes[0], panels, strict=True):
         for m, h in histories.items():
             if column in h and h[column].notna().any():
                 series = h[column].dropna()
-                ax.plot(series.index, series.to_numpy(), label=m, lw=1.2)
+                ax.plot(series.index, series.to_numpy(), label=m, lw=1.2, color=colours[m])
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
         if column != "log_z":
