@@ -190,7 +190,7 @@ class QBMVAE(
             # As SCVI: the module is built by train(datamodule=...) from the data module.
             # scvi-tools' base class lets only SCVI (by class name) start without either: an
             # empty registry gets past that check, and is cleared at once.
-            super().__init__(None, {"field_registries": {}})
+            super().__init__(None, {FIELD_REGISTRIES_KEY: {}})
             self.registry_ = None
             self._module_init_on_train = True
             self._module_kwargs = {
