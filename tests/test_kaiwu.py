@@ -117,6 +117,8 @@ def test_kaiwu_sa_conversion_gives_the_prior_distribution(kaiwu, structure, n):
     assert kaiwu.names().count("license.init") == 1
     options = [call[1] for call in kaiwu.calls if call[0] == "sa"]
     assert [o["rand_seed"] for o in options[:4]] == [3, 4, 5, 6]
+    # The next call continues the seed stream instead of replaying the first call's anneals.
+    assert options[4]["rand_seed"] == 7
     assert options[0]["cutoff_temperature"] == 0.001 and options[-1]["size_limit"] == 10
 
 

@@ -180,3 +180,23 @@ def test_a_failed_train_restores_weights_chains_and_log_z():
     # A second call starts from the restored state and succeeds.
     model.train(max_epochs=1, batch_size=40, train_size=1.0, enable_progress_bar=False)
     assert model.is_trained_
+
+
+def test_a_failed_train_puts_a_seeded_samplers_random_stream_back():
+    # Chains are buffers (covered above); the seeded generator lives outside the state_dict.
+    data = scvi.data.synthetic_iid(batch_size=40, n_genes=20, n_batches=2, n_labels=2)
+    QBMVAE.setup_anndata(data, batch_key="batch")
+    model = QBMVAE(
+        data,
+        n_latent=4,
+        n_hidden=8,
+        sampler=FailingSampler.name,
+        sampler_kwargs={"num_chains": 16, "fail_at": 5, "seed": 11},
+    )
+    options = {"batch_size": 40, "train_size": 1.0, "enable_progress_bar": False}
+    model.train(max_epochs=1, **options)  # sampler calls 1-2: the generator exists
+    sampler = model.module.sampler
+    stream = sampler._generator.get_state().clone()
+    with pytest.raises(SamplerError):
+        model.train(max_epochs=3, **options)  # calls 3-4 advance it, call 5 fails
+    assert torch.equal(sampler._generator.get_state(), stream)

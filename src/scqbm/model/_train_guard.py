@@ -5,7 +5,8 @@ sampler failure under ``on_failure="raise"``, a NaN, an interrupted data loader)
 would keep half-trained weights, chains and log Z while ``is_trained_`` still says False,
 and a second ``train()`` would silently continue from them. :func:`restore_on_failure`
 snapshots the module's ``state_dict`` (parameters and buffers: prior, persistent chains,
-log Z estimate) before training, puts it back on an exception, keeps the history logged up
+log Z estimate) and its samplers' random state (a seeded sampler's generator or seed
+stream) before training, puts them back on an exception, keeps the history logged up
 to the failure in ``model.history``, and re-raises with a note that says so.
 """
 
@@ -69,6 +70,8 @@ def restore_on_failure(model, trainer_kwargs: dict) -> Iterator[None]:
     sampler_counters = {
         name: getattr(sampler, name) for name in ("fallbacks",) if hasattr(sampler, name)
     }
+    # Generators and seed streams live outside the state_dict (wrappers include children's).
+    random_state = None if sampler is None else sampler.random_state()
     partial: dict = {}
     callbacks = trainer_kwargs.get("callbacks")
     callbacks = [] if callbacks is None else list(callbacks)
@@ -81,11 +84,13 @@ def restore_on_failure(model, trainer_kwargs: dict) -> Iterator[None]:
         module.train(was_training)
         for name, value in sampler_counters.items():
             setattr(sampler, name, value)
+        if random_state is not None:
+            sampler.set_random_state(random_state)
         model.history_ = _merged_history(before, partial)
         epochs = max((len(v) for v in partial.values()), default=0)
         note = (
-            "The model's weights, persistent chains and log Z were restored to their state "
-            "before this train() call; model.history keeps the "
+            "The model's weights, persistent chains, log Z and sampler random state were "
+            "restored to their state before this train() call; model.history keeps the "
             f"{epochs} epoch(s) logged before the failure. Fix the cause and call train() "
             "again to start from the restored state."
         )

@@ -204,6 +204,29 @@ class BoltzmannSampler(nn.Module, ABC):
         Wrappers check their child.
         """
 
+    def random_state(self) -> dict:
+        """The host-side random state of this sampler, for :meth:`set_random_state`.
+
+        Persistent chains are buffers and travel with the ``state_dict``; what a seeded
+        sampler keeps outside it (its own generator, a seed stream, a call counter) is
+        returned here, so that a failed ``train()`` can put a seeded run back exactly where
+        it was. Samplers without a seed return the state of no generator: they draw from
+        torch's global one, which belongs to the user.
+        """
+        generator = getattr(self, "_generator", None)
+        return {
+            "generator": generator,
+            "generator_state": None if generator is None else generator.get_state(),
+        }
+
+    def set_random_state(self, state: dict) -> None:
+        """Restore what :meth:`random_state` returned."""
+        generator = state.get("generator")
+        if generator is not None:
+            generator.set_state(state["generator_state"])
+        if "generator" in state:
+            self._generator = generator
+
     def sample(
         self,
         h: torch.Tensor,

@@ -310,6 +310,13 @@ class CalibratedSampler(BoltzmannSampler):
         """Check the wrapped backend (:meth:`BoltzmannSampler.preflight`)."""
         self.backend.preflight()
 
+    def random_state(self) -> dict:
+        # The wrapper's own draws are seeded afresh per calibration; the child's are not.
+        return {"backend": self.backend.random_state()}
+
+    def set_random_state(self, state: dict) -> None:
+        self.backend.set_random_state(state["backend"])
+
     def estimate(self, samples, h, W, n_visible) -> float:
         """Inverse temperature of ``samples`` with respect to ``(h, W)``."""
         return estimate_effective_beta(

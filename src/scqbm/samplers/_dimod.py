@@ -142,6 +142,15 @@ class DimodSampler(BoltzmannSampler):
         self._sampler = None
         self._seeds = np.random.default_rng(seed)
 
+    def random_state(self) -> dict:
+        # Each call draws the dimod sampler's seed from this stream.
+        return {**super().random_state(), "seeds": self._seeds.bit_generator.state}
+
+    def set_random_state(self, state: dict) -> None:
+        super().set_random_state(state)
+        if "seeds" in state:
+            self._seeds.bit_generator.state = state["seeds"]
+
     @property
     def properties(self) -> dict:
         # Annealers start every read afresh: there are no chains to keep.

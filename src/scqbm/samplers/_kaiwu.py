@@ -69,6 +69,9 @@ class _KaiwuSampler(BoltzmannSampler):
         self.max_spins = max_spins
         self.max_solves = max_solves
         self._licensed = False
+        # Solves run so far: a seeded backend seeds solve k with `seed + k`, across calls, so
+        # that successive training steps do not replay the same anneals.
+        self._solves = 0
 
     @property
     def properties(self) -> dict:
@@ -98,7 +101,14 @@ class _KaiwuSampler(BoltzmannSampler):
 
     @abstractmethod
     def _optimizer(self, kw, remaining: int, call: int):
-        """A kaiwu optimizer for the next solve, asked for up to ``remaining`` solutions."""
+        """A kaiwu optimizer for solve number ``call``, asked for up to ``remaining`` solutions."""
+
+    def random_state(self) -> dict:
+        return {**super().random_state(), "solves": self._solves}
+
+    def set_random_state(self, state: dict) -> None:
+        super().set_random_state(state)
+        self._solves = state.get("solves", self._solves)
 
     def _sample(self, h, W, num_reads, n_visible):
         kw = import_kaiwu()
@@ -116,7 +126,9 @@ class _KaiwuSampler(BoltzmannSampler):
                     f"{solves} solves (max_solves); its solution pool keeps distinct states "
                     "only, so a problem with few low-energy states needs more solves."
                 )
-            solutions = run_optimizer(self._optimizer(kw, num_reads - total, solves), matrix)
+            optimizer = self._optimizer(kw, num_reads - total, self._solves)
+            self._solves += 1
+            solutions = run_optimizer(optimizer, matrix)
             batches.append(solutions)
             total += solutions.shape[0]
             solves += 1
@@ -157,7 +169,8 @@ class KaiwuSASampler(_KaiwuSampler):
         Solutions asked of one anneal (kaiwu's ``size_limit``); anneals repeat until
         ``num_reads`` are collected.
     seed
-        Seed of the first anneal (``rand_seed``; later anneals use ``seed + k``).
+        Seed of the first anneal (``rand_seed``; the sampler's ``k``-th solve, counted across
+        calls, uses ``seed + k``).
     user_id, sdk_code
         kaiwu licence credentials; default: ``SCQBM_KAIWU_USER_ID`` and
         ``SCQBM_KAIWU_SDK_CODE``. Arguments are stored with a saved model, the environment is

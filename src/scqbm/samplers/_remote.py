@@ -207,6 +207,14 @@ class RemoteSampler(BoltzmannSampler):
         self._client = None
         self._client_lock = threading.Lock()
 
+    def random_state(self) -> dict:
+        # The service's randomness is the server's; the local fallback's is ours.
+        return {} if self.fallback is None else {"fallback": self.fallback.random_state()}
+
+    def set_random_state(self, state: dict) -> None:
+        if "fallback" in state:
+            self.fallback.set_random_state(state["fallback"])
+
     @property
     def parameters(self) -> dict[str, list]:
         # Sent to the service as they are; backend options are the server's.
