@@ -185,6 +185,24 @@ class QBMVAE(
         log_partition: Literal["auto", "exact", "ais"] = "auto",
         **kwargs,
     ):
+        # The module's arguments that do not depend on the data (as SCVI's `_module_kwargs`:
+        # what train(datamodule=...) builds the module from, and what scqbm.tl records).
+        module_kwargs = {
+            "n_hidden": n_hidden,
+            "n_latent": n_latent,
+            "n_layers": n_layers,
+            "dropout_rate": dropout_rate,
+            "dispersion": dispersion,
+            "gene_likelihood": gene_likelihood,
+            "use_observed_lib_size": use_observed_lib_size,
+            "prior": prior,
+            "relaxation": relaxation,
+            "beta": beta,
+            "sampler": sampler,
+            "sampler_kwargs": sampler_kwargs,
+            "log_partition": log_partition,
+            **kwargs,
+        }
         if adata is None and registry is None:
             _refuse_gaussian_latent(kwargs)
             # As SCVI: the module is built by train(datamodule=...) from the data module.
@@ -193,22 +211,7 @@ class QBMVAE(
             super().__init__(None, {FIELD_REGISTRIES_KEY: {}})
             self.registry_ = None
             self._module_init_on_train = True
-            self._module_kwargs = {
-                "n_hidden": n_hidden,
-                "n_latent": n_latent,
-                "n_layers": n_layers,
-                "dropout_rate": dropout_rate,
-                "dispersion": dispersion,
-                "gene_likelihood": gene_likelihood,
-                "use_observed_lib_size": use_observed_lib_size,
-                "prior": prior,
-                "relaxation": relaxation,
-                "beta": beta,
-                "sampler": sampler,
-                "sampler_kwargs": sampler_kwargs,
-                "log_partition": log_partition,
-                **kwargs,
-            }
+            self._module_kwargs = module_kwargs
             self._model_summary_string = f"QBMVAE model (not built yet), n_latent: {n_latent}."
             self.module = None
             warnings.warn(
@@ -231,21 +234,7 @@ class QBMVAE(
                     f"`gene_likelihood` must be one of {[*COUNT_LIKELIHOODS, 'normal']}, "
                     f"got {gene_likelihood!r}."
                 )
-            self._module_kwargs = {
-                "n_hidden": n_hidden,
-                "n_latent": n_latent,
-                "n_layers": n_layers,
-                "dropout_rate": dropout_rate,
-                "dispersion": dispersion,
-                "gene_likelihood": gene_likelihood,
-                "prior": prior,
-                "relaxation": relaxation,
-                "beta": beta,
-                "sampler": sampler,
-                "sampler_kwargs": sampler_kwargs,
-                "log_partition": log_partition,
-                **kwargs,
-            }
+            self._module_kwargs = module_kwargs
             self._model_summary_string = (
                 "QBMVAE model (Boltzmann-machine prior over binary latents) with parameters:\n"
                 f"n_hidden: {n_hidden}, n_latent: {n_latent}, n_layers: {n_layers}, "
@@ -275,23 +264,10 @@ class QBMVAE(
                 n_labels=self.summary_stats.get("n_labels", 1),
                 n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
                 n_cats_per_cov=n_cats_per_cov,
-                n_hidden=n_hidden,
-                n_latent=n_latent,
-                n_layers=n_layers,
-                dropout_rate=dropout_rate,
-                dispersion=dispersion,
-                gene_likelihood=gene_likelihood,
-                use_observed_lib_size=use_observed_lib_size,
                 use_size_factor_key=use_size_factor_key,
                 library_log_means=None if use_observed_lib_size else library_log_means,
                 library_log_vars=None if use_observed_lib_size else library_log_vars,
-                prior=prior,
-                relaxation=relaxation,
-                beta=beta,
-                sampler=sampler,
-                sampler_kwargs=sampler_kwargs,
-                log_partition=log_partition,
-                **kwargs,
+                **module_kwargs,
             )
             self.module.minified_data_type = self.minified_data_type
             self.init_params_ = self._get_init_params(locals())
