@@ -184,9 +184,19 @@ def main() -> None:
         default=1024,
         help="Reads of each big request of the fairness check (256 units; capped by max_work).",
     )
+    parser.add_argument(
+        "--worker-kind",
+        nargs="+",
+        default=[ServiceLimits().worker_kind],
+        choices=["auto", "processes", "threads"],
+        help="Worker kinds to measure; the fairness check runs once per kind, in this run.",
+    )
+    parser.add_argument(
+        "--fairness-only", action="store_true", help="Skip the client table (target 2 only)."
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    limits = ServiceLimits(workers=args.workers)
+    limits = ServiceLimits(workers=args.workers, worker_kind=args.worker_kind[0])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"# scqbm sampling service benchmark: gibbs backend (fresh chains, 101 sweeps per "
@@ -210,7 +220,7 @@ def main() -> None:
     with serve_in_background("gibbs", token=TOKEN, limits=limits) as server:
         h, W = problem(8)
         RemoteSampler(8, server.url, token=TOKEN).sample(h, W, 8)  # compile the kernel
-        for n in args.units:
+        for n in [] if args.fairness_only else args.units:
             for clients in args.clients:
                 # Enough requests per row for a p99 without making the big rows minutes long.
                 per_client = max(1, 16 // clients)
@@ -238,15 +248,17 @@ def main() -> None:
                 f"that were retried: {target['retry_reasons'] or 'none'}",
                 flush=True,
             )
-        # The largest big request the default budget admits (units x reads x 101 sweeps).
-        big_reads = min(args.big_reads, limits.max_work // (256 * 101))
-        report_fairness(fairness(server.url, args.workers, big_reads), args.workers)
-    if args.workers > 1:
-        # With fewer sampling threads than cores (1 worker + the express thread on 2 cores),
-        # the small request's latency shows the scheduling alone, not CPU oversubscription.
-        one = ServiceLimits(workers=1)
-        with serve_in_background("gibbs", token=TOKEN, limits=one) as server:
-            report_fairness(fairness(server.url, 1, big_reads), 1)
+    # The largest big request the default budget admits (units x reads x 101 sweeps).
+    big_reads = min(args.big_reads, limits.max_work // (256 * 101))
+    for kind in args.worker_kind:
+        for workers in sorted({args.workers, 1}, reverse=True):
+            # With fewer workers than cores (1 worker + the express thread on 2 cores), the
+            # small request's latency shows the scheduling alone, not CPU oversubscription.
+            each = ServiceLimits(workers=workers, worker_kind=kind)
+            with serve_in_background("gibbs", token=TOKEN, limits=each) as server:
+                served = "processes" if server.app.state.pool.lane is not None else "threads"
+                print(f"# worker_kind={kind!r}: workers sample in {served}", flush=True)
+                report_fairness(fairness(server.url, workers, big_reads), workers)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# load average {load:.1f} at the end", flush=True)
 

@@ -358,8 +358,8 @@ class QBMVAE(
         yielding scvi-tools batches), build the model with
         ``QBMVAE(adata=None, registry=datamodule.registry)``. If training raises (for example
         a sampler failure under ``on_failure="raise"``), the weights, persistent chains,
-        log Z and the sampler's random state are restored to their state before the call, ``history`` keeps what was logged,
-        and the error says so.
+        log Z and the sampler's random state are restored to their state before the call,
+        ``history`` keeps what was logged, and the error says so.
         """
         if datamodule is None and self.adata is not None:
             check_model_data(self.adata.n_obs)

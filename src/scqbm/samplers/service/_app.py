@@ -32,6 +32,7 @@ from .._registry import make_sampler
 from .._wire import API_PREFIX, ProtocolError, decode_array, encode_bits
 from ._limits import ServiceLimits
 from ._pool import Cancelled, QueueFull, SamplingPool
+from ._processes import BackendSpec, ProcessLane, spawnable
 from ._ratelog import RateLimitedLog
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,23 @@ class _Backend:
 
     def make(self, n_units: int):
         return make_sampler(self.name, n_units, **self.kwargs).to(self.device)
+
+
+def _process_lane(backends: _Backend, limits: ServiceLimits) -> ProcessLane | None:
+    """The child processes the workers sample in, as ``limits.worker_kind`` asks."""
+    kind = limits.worker_kind
+    known = spawnable(backends.name)
+    if kind == "processes" and not known:
+        raise ValueError(
+            f"Backend {backends.name!r} is registered at run time, so a worker process cannot "
+            "build it: use worker_kind='threads' (--worker-kind threads)."
+        )
+    if kind == "threads" or (
+        kind == "auto" and not (known and backends.stateless and backends.device.type == "cpu")
+    ):
+        return None
+    spec = BackendSpec.of(backends.name, backends.kwargs, str(backends.device))
+    return ProcessLane(spec, limits.workers, required=kind == "processes")
 
 
 def _without_persistence(name: str, kwargs: dict[str, Any], probe):
@@ -313,7 +331,11 @@ def create_app(
     limits = limits or ServiceLimits()
     backends = _Backend(backend, backend_kwargs or {}, device)
     pool = SamplingPool(
-        backends.make, limits.workers, limits.max_queue, chunkable=backends.stateless
+        backends.make,
+        limits.workers,
+        limits.max_queue,
+        chunkable=backends.stateless,
+        lane=_process_lane(backends, limits),
     )
     app_version = _package_version()
     app = FastAPI(title="scqbm sampling service", version=app_version)
@@ -383,6 +405,8 @@ def create_app(
             "stateless": backends.stateless,
             "sweeps_per_read": backends.sweeps,
             "device": str(backends.device),
+            # Where the workers sample now (an "auto" lane that could not start: threads).
+            "workers": "processes" if pool.lane is not None and pool.lane.usable else "threads",
             "limits": asdict(limits),
             "queue": pool.stats(),
             "version": app_version,

@@ -6,10 +6,11 @@ import argparse
 import ipaddress
 import json
 import os
+import signal
 import sys
 
 from .._wire import TOKEN_ENV
-from ._limits import ServiceLimits
+from ._limits import WORKER_KINDS, ServiceLimits
 
 _DEFAULTS = ServiceLimits()
 
@@ -27,11 +28,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "(units x reads x sweeps per read) is refused with 413 before sampling; one that "
         "does not finish within --deadline seconds (queue and sampling) gets 503 "
         "deadline_exceeded; with --max-queue requests in progress the next gets 429 and "
-        "Retry-After. Requests are sampled by --workers threads in fair chunks, plus one "
+        "Retry-After. Requests are sampled by --workers workers in fair chunks (each in a "
+        "child process of its own by default, see --worker-kind), plus one "
         "express thread for small requests (about 0.1 s of work: they start at once even "
         "when big ones keep every worker busy), and work whose client has "
         "disconnected is stopped. Connections: at most --max-connections (never more than "
-        "the file limit, ulimit -n, minus 64; at the cap the oldest idle connection is "
+        "the file limit, ulimit -n, minus the descriptors in use at startup plus 64, at least "
+        "64; at the cap the oldest idle connection is "
         "closed), --header-timeout seconds to send a request head, --body-timeout for the "
         "body (408), --keep-alive seconds between requests. Malformed requests get a 4xx "
         'with {"error": {"code", "message"}}.'
@@ -82,7 +85,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=d.workers,
-        help="Sampling threads, plus one express thread for small requests [%(default)s].",
+        help="Sampling workers, plus one express thread for small requests [%(default)s].",
+    )
+    limit.add_argument(
+        "--worker-kind",
+        choices=WORKER_KINDS,
+        default=d.worker_kind,
+        help=(
+            "Where workers sample: 'processes' (one child process each; small requests do "
+            "not share the service's interpreter with big ones), 'threads', or 'auto': "
+            "processes for built-in backends without persistent chains on the CPU "
+            "[%(default)s]."
+        ),
     )
     limit.add_argument(
         "--max-queue",
@@ -94,7 +108,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-connections",
         type=int,
         default=d.max_connections,
-        help="Open connections (capped by ulimit -n minus 64) [%(default)s].",
+        help="Open connections (capped by ulimit -n minus the descriptors in use + 64) "
+        "[%(default)s].",
     )
     limit.add_argument(
         "--header-timeout",
@@ -151,6 +166,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_work=args.max_work,
             deadline_seconds=args.deadline,
             workers=args.workers,
+            worker_kind=args.worker_kind,
             max_queue=args.max_queue,
             max_connections=args.max_connections,
             header_timeout=args.header_timeout,
@@ -175,12 +191,25 @@ def run_serve(args: argparse.Namespace) -> int:
             "in clear text; use --ssl-certfile/--ssl-keyfile or a TLS proxy.",
             file=sys.stderr,
         )
+    lane = app.state.pool.lane
+    if lane is not None:
+        try:
+            lane.start()  # with worker_kind="auto", threads if they cannot start
+        except Exception as err:  # a child that cannot build the backend fails at startup
+            print(
+                f"scqbm serve-sampler: starting the worker processes failed: {err}",
+                file=sys.stderr,
+            )
+            return 2
+    in_processes = lane is not None and lane.available()
     auth = "token required" if token else "NO authentication"
     print(
         f"scqbm serve-sampler: backend {args.backend!r} on {scheme}://{args.host}:{args.port} "
         f"({auth}; limits: {limits.max_spins} spins, {limits.max_reads} reads, "
         f"{limits.max_payload_bytes} bytes, {limits.max_work} spin updates, "
-        f"{limits.deadline_seconds:g} s; {limits.workers} workers, queue {limits.max_queue}, "
+        f"{limits.deadline_seconds:g} s; {limits.workers} workers "
+        f"({'processes' if in_processes else 'threads'}), "
+        f"queue {limits.max_queue}, "
         f"{limits.connection_cap()} connections)",
         flush=True,
     )
@@ -193,6 +222,16 @@ def run_serve(args: argparse.Namespace) -> int:
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
     )
-    server.run()
-    app.state.pool.close()
+    # uvicorn re-raises SIGTERM after its shutdown: as SystemExit here, so that the pool
+    # (and its worker processes) is closed instead of the process dying around it.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        server.run()
+    finally:
+        app.state.pool.close()
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(0)

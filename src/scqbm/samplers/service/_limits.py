@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 #: File descriptors kept free of client connections (logs, sockets to the backend, imports).
 FD_RESERVE = 64
+#: Descriptors kept free beyond those open when the cap is computed (an accept batch, logs).
+FD_HEADROOM = 64
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,8 @@ class ServiceLimits:
     max_connections
         Open connections; at the cap a new connection closes the oldest connection that has
         no request in progress (an idle or stalled one), or is answered 503 if all are busy.
-        Never more than the process's file limit (``RLIMIT_NOFILE``) minus a reserve of 64.
+        Never more than the process's file limit (``RLIMIT_NOFILE``) minus the descriptors
+        open when the server starts (worker processes' pipes included) and 64 more.
     header_timeout
         Seconds a connection may take to send a complete request head, and may then stay
         without a request in progress (slow or stalled clients are disconnected).
@@ -48,6 +52,13 @@ class ServiceLimits:
         Seconds to receive the whole request body once its head has arrived (408 otherwise).
     keep_alive_timeout
         Seconds an idle keep-alive connection is kept open between requests.
+    worker_kind
+        Where the workers sample: ``"processes"`` (each worker thread hands its chunks to a
+        child process of its own, so sampling does not hold the service's GIL and a small
+        request behind big ones costs about what it costs alone), ``"threads"`` (in the
+        service's process), or ``"auto"`` (default): processes for a backend without
+        persistent chains on the CPU that a fresh interpreter can build (a registered
+        built-in), threads otherwise. Children start with the server (a few seconds).
 
     """
 
@@ -62,9 +73,17 @@ class ServiceLimits:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     keep_alive_timeout: float = 5.0
+    worker_kind: str = "auto"
 
     def __post_init__(self):
+        if self.worker_kind not in WORKER_KINDS:
+            raise ValueError(
+                f"ServiceLimits.worker_kind must be one of {list(WORKER_KINDS)}, got "
+                f"{self.worker_kind!r}."
+            )
         for name, value in asdict(self).items():
+            if name == "worker_kind":
+                continue
             number = isinstance(value, int | float) and not isinstance(value, bool)
             if not (number and value > 0) or (
                 name in _INTEGER_FIELDS and not isinstance(value, int)
@@ -82,8 +101,25 @@ class ServiceLimits:
             return self.max_connections
         if soft == resource.RLIM_INFINITY:
             return self.max_connections
-        return max(1, min(self.max_connections, soft - FD_RESERVE))
+        # What the process holds already (worker processes' pipes, log files, libraries)
+        # plus room for an accept batch, and never less than the fixed reserve.
+        in_use = _open_file_descriptors()
+        reserve = FD_RESERVE if in_use is None else max(FD_RESERVE, in_use + FD_HEADROOM)
+        return max(1, min(self.max_connections, soft - reserve))
 
+
+def _open_file_descriptors() -> int | None:
+    """File descriptors this process has open, where the system says (Linux, macOS)."""
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(folder))
+        except OSError:
+            continue
+    return None
+
+
+#: Values of :attr:`ServiceLimits.worker_kind`.
+WORKER_KINDS = ("auto", "processes", "threads")
 
 _INTEGER_FIELDS = frozenset(
     {

@@ -5,10 +5,11 @@ per request), a job is cut into chunks of a bounded amount of work (``chunk_cost
 each free worker runs the next chunk of the job with the least work left (shortest remaining
 work first). A request therefore waits at most about one chunk behind a big one instead of
 the whole big request, and a job whose client has gone, or whose deadline has passed, stops
-at the next chunk boundary. Workers are threads: the native samplers release
-the GIL in their kernels (numba ``nogil``, torch ops), so they run in parallel and the
-event loop keeps serving. Every worker keeps its own backend instances, since samplers hold
-state (random generators) and are not thread-safe.
+at the next chunk boundary. Workers are threads. By default on CPU each hands its chunk to
+a child process (:mod:`~scqbm.samplers.service._processes`) and waits, so that sampling
+does not hold this interpreter's GIL; otherwise the threads sample themselves (the native
+kernels release the GIL: numba ``nogil``, torch ops). Every worker (or child) keeps its own
+backend instances, since samplers hold state (random generators) and are not thread-safe.
 
 Every chunk pays the backend's fixed cost per call (measured: about 0.09 s for 101 sweeps of
 a 256-unit dense problem, whatever the reads), so chunks must be large for throughput: at
@@ -33,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from ._processes import ProcessLane
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +129,10 @@ class SamplingPool:
         docstring).
     express_cost
         Largest request, in :func:`read_cost` units, that the express threads take.
+    lane
+        Child processes (:class:`~scqbm.samplers.service._processes.ProcessLane`) that run
+        the workers' chunks; ``None``: the worker threads sample themselves. The express
+        threads always sample in this process (a small request must not pay the trip).
 
     """
 
@@ -139,8 +146,10 @@ class SamplingPool:
         max_cached: int = 4,
         express: int = 1,
         express_cost: float = EXPRESS_COST,
+        lane: ProcessLane | None = None,
     ):
         self._make_sampler, self.max_queue = make_sampler, max_queue
+        self.lane = lane
         self.chunkable, self.chunk_cost, self.max_cached = chunkable, chunk_cost, max_cached
         self.express_cost = express_cost
         self._jobs: list[Job] = []
@@ -199,6 +208,8 @@ class SamplingPool:
                 self._finish(job, Cancelled("the sampling service is shutting down"))
             self._cond.notify_all()
         deadline = time.monotonic() + timeout
+        if self.lane is not None:
+            self.lane.close()  # also wakes workers waiting on a child's chunk
         for thread in self._all_threads:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
@@ -254,7 +265,10 @@ class SamplingPool:
             job, offset, reads = task
             start = time.perf_counter()
             try:
-                result = self._run(cache, job, reads)
+                if self.lane is not None and not express and self.lane.available():
+                    result = self.lane.run(job.h, job.W, reads, job.n_visible)
+                else:
+                    result = self._run(cache, job, reads)
             except Exception as err:  # handed to the request, which answers it
                 with self._cond:
                     job.cancel()
