@@ -122,8 +122,16 @@ def make_dataset(path: Path, n_cells: int, seed: int, source_path: str | None = 
 
 # ------------------------------------------------------------------------------------- fit
 def peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM belongs to this process's memory map. ru_maxrss survives exec on Linux: a fit
+    # started by a parent that had just built a 1M-cell dataset reported the parent's peak.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def fit_once(method: str, path: str, batch_size: int, mode: str, args) -> dict:

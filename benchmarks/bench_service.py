@@ -200,7 +200,8 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"# scqbm sampling service benchmark: gibbs backend (fresh chains, 101 sweeps per "
-        f"read), {args.reads} reads per request, {args.workers} worker threads\n"
+        f"read), {args.reads} reads per request, {args.workers} workers "
+        f"(worker_kind {', '.join(args.worker_kind)})\n"
         f"# client: RemoteSampler defaults, timeout {CLIENT_DEFAULTS['timeout']:g} s, "
         f"max_retries {CLIENT_DEFAULTS['max_retries']}; service: deadline "
         f"{limits.deadline_seconds:g} s, max_queue {limits.max_queue}, max_work "
