@@ -13,7 +13,11 @@ STAMP := $(VENV)/.installed-$(EXTRAS)
 # The second supported stack: Python 3.12 with the current scvi-tools (1.5.x needs >= 3.12).
 # Its environment is cached outside the clone (about 6 GB: torch 2.13.0 is the CUDA build on
 # 3.12) and refreshed when pyproject.toml changes; scqbm itself is re-linked on every run.
-PY312 ?= $(shell command -v python3.12 2>/dev/null || echo $(HOME)/.pyenv/versions/3.12.1/bin/python)
+# The first candidate that really runs Python 3.12 (a pyenv shim for a version that is not
+# selected exists but fails).
+PY312 ?= $(shell for p in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/python3.12; do \
+	if $$p -c "import sys; assert sys.version_info[:2] == (3, 12)" >/dev/null 2>&1; then \
+	command -v $$p; break; fi; done)
 PY312_VENV ?= $(HOME)/.cache/scqbm/venv-py312
 PY312_SCVI ?= scvi-tools==1.5.1
 PY312_STAMP = $(PY312_VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
@@ -41,6 +45,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
 $(PY312_STAMP): pyproject.toml
+	@test -n "$(PY312)" || { echo "No Python 3.12 found: make PY312=/path/to/python3.12" >&2; exit 1; }
 	test -x $(PY312_VENV)/bin/python || $(PY312) -m venv $(PY312_VENV)
 	$(PY312_VENV)/bin/python -m pip install -q --upgrade pip
 	$(PY312_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX) "$(PY312_SCVI)"
