@@ -205,7 +205,7 @@ class BoltzmannSampler(nn.Module, ABC):
         """
 
     def random_state(self) -> dict:
-        """The host-side random state of this sampler, for :meth:`set_random_state`.
+        """Host-side random state, for :meth:`~scqbm.samplers.BoltzmannSampler.set_random_state`.
 
         Persistent chains are buffers and travel with the ``state_dict``; what a seeded
         sampler keeps outside it (its own generator, a seed stream, a call counter) is
@@ -220,7 +220,7 @@ class BoltzmannSampler(nn.Module, ABC):
         }
 
     def set_random_state(self, state: dict) -> None:
-        """Restore what :meth:`random_state` returned."""
+        """Restore what :meth:`~scqbm.samplers.BoltzmannSampler.random_state` returned."""
         generator = state.get("generator")
         if generator is not None:
             generator.set_state(state["generator_state"])
