@@ -257,7 +257,7 @@ def main() -> None:
             # small request's latency shows the scheduling alone, not CPU oversubscription.
             each = ServiceLimits(workers=workers, worker_kind=kind)
             with serve_in_background("gibbs", token=TOKEN, limits=each) as server:
-                served = "processes" if server.app.state.pool.lane is not None else "threads"
+                served = server.app.state.pool.worker_kind
                 print(f"# worker_kind={kind!r}: workers sample in {served}", flush=True)
                 report_fairness(fairness(server.url, workers, big_reads), workers)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

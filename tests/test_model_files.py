@@ -157,16 +157,21 @@ class FailingSampler(GibbsSampler):
 register_sampler(FailingSampler.name, FailingSampler)
 
 
-def test_a_failed_train_restores_weights_chains_and_log_z():
+def failing_model(**sampler_kwargs) -> QBMVAE:
+    """A small QBMVAE on 80 cells whose sampler fails at call ``fail_at`` (2 calls an epoch)."""
     data = scvi.data.synthetic_iid(batch_size=40, n_genes=20, n_batches=2, n_labels=2)
     QBMVAE.setup_anndata(data, batch_key="batch")
-    model = QBMVAE(
+    return QBMVAE(
         data,
         n_latent=4,
         n_hidden=8,
         sampler=FailingSampler.name,
-        sampler_kwargs={"num_chains": 16, "fail_at": 4},
+        sampler_kwargs={"num_chains": 16, **sampler_kwargs},
     )
+
+
+def test_a_failed_train_restores_weights_chains_and_log_z():
+    model = failing_model(fail_at=4)
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
     with pytest.raises(SamplerError, match="restored to their state before this train"):
         # 2 steps per epoch: the 4th sampler call is in epoch 1, after epoch 0 was logged.
@@ -184,15 +189,7 @@ def test_a_failed_train_restores_weights_chains_and_log_z():
 
 def test_a_failed_train_puts_a_seeded_samplers_random_stream_back():
     # Chains are buffers (covered above); the seeded generator lives outside the state_dict.
-    data = scvi.data.synthetic_iid(batch_size=40, n_genes=20, n_batches=2, n_labels=2)
-    QBMVAE.setup_anndata(data, batch_key="batch")
-    model = QBMVAE(
-        data,
-        n_latent=4,
-        n_hidden=8,
-        sampler=FailingSampler.name,
-        sampler_kwargs={"num_chains": 16, "fail_at": 5, "seed": 11},
-    )
+    model = failing_model(fail_at=5, seed=11)
     options = {"batch_size": 40, "train_size": 1.0, "enable_progress_bar": False}
     model.train(max_epochs=1, **options)  # sampler calls 1-2: the generator exists
     sampler = model.module.sampler

@@ -55,6 +55,16 @@ BACKENDS = [
 ]
 
 
+def provide(needs: str | None, monkeypatch) -> None:
+    """What a backend of ``BACKENDS`` needs: skip without dimod, the stand-in kaiwu SDK."""
+    if needs == "dimod" and not have_dimod():
+        pytest.skip("dimod and dwave-samplers are not installed")
+    if needs == "kaiwu":
+        monkeypatch.setitem(sys.modules, "kaiwu", FakeKaiwu())
+        monkeypatch.setenv(USER_ID_ENV, "user")
+        monkeypatch.setenv(SDK_CODE_ENV, "code")
+
+
 @pytest.fixture
 def adata():
     scvi.settings.seed = 0
@@ -80,14 +90,9 @@ def test_every_registered_backend_is_covered():
 def test_training_draws_the_declared_reads_and_keeps_claimed_chains(
     adata, monkeypatch, tmp_path, name, kwargs, persistent, needs
 ):
-    if needs == "dimod" and not have_dimod():
-        pytest.skip("dimod and dwave-samplers are not installed")
-    if needs == "kaiwu":
-        monkeypatch.setitem(sys.modules, "kaiwu", FakeKaiwu())
-        monkeypatch.setenv(USER_ID_ENV, "user")
-        monkeypatch.setenv(SDK_CODE_ENV, "code")
-        if name == "kaiwu_cim":
-            kwargs = {**kwargs, "checkpoint_dir": str(tmp_path)}
+    provide(needs, monkeypatch)
+    if name == "kaiwu_cim":
+        kwargs = {**kwargs, "checkpoint_dir": str(tmp_path)}
     QBMVAE.setup_anndata(adata, batch_key="batch")
     model = QBMVAE(
         adata, n_latent=6, n_hidden=16, prior="rbm", sampler=name, sampler_kwargs=kwargs
@@ -198,12 +203,7 @@ def test_restoring_state_dict_and_random_state_replays_the_same_draws(
 ):
     # What a failed train() puts back (the chains in the state_dict, the generator or seed
     # stream in random_state) must be all a seeded backend needs to draw the same again.
-    if needs == "dimod" and not have_dimod():
-        pytest.skip("dimod and dwave-samplers are not installed")
-    if needs == "kaiwu":
-        monkeypatch.setitem(sys.modules, "kaiwu", FakeKaiwu())
-        monkeypatch.setenv(USER_ID_ENV, "user")
-        monkeypatch.setenv(SDK_CODE_ENV, "code")
+    provide(needs, monkeypatch)
     if name == "calibrated":
         kwargs = {**kwargs, "backend_kwargs": {**kwargs["backend_kwargs"], "seed": 4}}
     sampler = make_sampler(name, 6, **kwargs)

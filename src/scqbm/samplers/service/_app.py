@@ -94,6 +94,8 @@ class _Backend:
             probe, kwargs = _without_persistence(name, kwargs, probe)
         self.stateless = not probe.properties["persistent"]
         self.name, self.kwargs = name, kwargs
+        # What builds the backend, here and in a worker process alike.
+        self.spec = BackendSpec.of(name, kwargs, str(self.device))
         self.sweeps = int(probe.sweeps_per_read)
         if self.sweeps < 1:
             raise ValueError(
@@ -102,7 +104,7 @@ class _Backend:
         probe.preflight()
 
     def make(self, n_units: int):
-        return make_sampler(self.name, n_units, **self.kwargs).to(self.device)
+        return self.spec.build(n_units)
 
 
 def _process_lane(backends: _Backend, limits: ServiceLimits) -> ProcessLane | None:
@@ -118,8 +120,7 @@ def _process_lane(backends: _Backend, limits: ServiceLimits) -> ProcessLane | No
         kind == "auto" and not (known and backends.stateless and backends.device.type == "cpu")
     ):
         return None
-    spec = BackendSpec.of(backends.name, backends.kwargs, str(backends.device))
-    return ProcessLane(spec, limits.workers, required=kind == "processes")
+    return ProcessLane(backends.spec, limits.workers, required=kind == "processes")
 
 
 def _without_persistence(name: str, kwargs: dict[str, Any], probe):
@@ -406,7 +407,7 @@ def create_app(
             "sweeps_per_read": backends.sweeps,
             "device": str(backends.device),
             # Where the workers sample now (an "auto" lane that could not start: threads).
-            "workers": "processes" if pool.lane is not None and pool.lane.usable else "threads",
+            "workers": pool.worker_kind,
             "limits": asdict(limits),
             "queue": pool.stats(),
             "version": app_version,

@@ -42,9 +42,9 @@ class BackgroundServer:
         limits = limits or ServiceLimits()
         # Worker processes first: their pipes count against the file limit the connection
         # cap is computed from.
-        lane = getattr(getattr(getattr(app, "state", None), "pool", None), "lane", None)
-        if lane is not None:
-            lane.start()
+        pool = getattr(getattr(app, "state", None), "pool", None)
+        if pool is not None:
+            pool.start()
         self._server = make_server(
             app, limits, host=host, port=port, log_level="warning", lifespan="off"
         )

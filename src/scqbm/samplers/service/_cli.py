@@ -191,24 +191,18 @@ def run_serve(args: argparse.Namespace) -> int:
             "in clear text; use --ssl-certfile/--ssl-keyfile or a TLS proxy.",
             file=sys.stderr,
         )
-    lane = app.state.pool.lane
-    if lane is not None:
-        try:
-            lane.start()  # with worker_kind="auto", threads if they cannot start
-        except Exception as err:  # a child that cannot build the backend fails at startup
-            print(
-                f"scqbm serve-sampler: starting the worker processes failed: {err}",
-                file=sys.stderr,
-            )
-            return 2
-    in_processes = lane is not None and lane.available()
+    try:
+        app.state.pool.start()  # with worker_kind="auto", threads if processes cannot start
+    except Exception as err:  # a child that cannot build the backend fails at startup
+        print(f"scqbm serve-sampler: starting the worker processes failed: {err}", file=sys.stderr)
+        return 2
     auth = "token required" if token else "NO authentication"
     print(
         f"scqbm serve-sampler: backend {args.backend!r} on {scheme}://{args.host}:{args.port} "
         f"({auth}; limits: {limits.max_spins} spins, {limits.max_reads} reads, "
         f"{limits.max_payload_bytes} bytes, {limits.max_work} spin updates, "
         f"{limits.deadline_seconds:g} s; {limits.workers} workers "
-        f"({'processes' if in_processes else 'threads'}), "
+        f"({app.state.pool.worker_kind}), "
         f"queue {limits.max_queue}, "
         f"{limits.connection_cap()} connections)",
         flush=True,

@@ -171,6 +171,19 @@ class SamplingPool:
         for thread in self._all_threads:
             thread.start()
 
+    def start(self) -> None:
+        """Start the worker processes now, if there are any (otherwise on the first chunk).
+
+        Raises when required processes cannot start; an optional lane falls back to threads.
+        """
+        if self.lane is not None:
+            self.lane.available()
+
+    @property
+    def worker_kind(self) -> str:
+        """Where the workers sample now: ``"processes"`` or ``"threads"``."""
+        return "processes" if self.lane is not None and self.lane.usable else "threads"
+
     # ------------------------------------------------------------ submission
     def submit(self, h, W, num_reads: int, n_visible, sweeps: int, deadline: float) -> Job:
         """Queue a job; raises :class:`QueueFull` when ``max_queue`` jobs are admitted."""

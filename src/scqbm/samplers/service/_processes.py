@@ -131,11 +131,6 @@ class ProcessLane:
         self._closed = False
         self._failed: str | None = None  # why the children could not start (not required)
 
-    def start(self) -> ProcessLane:
-        """Start the children now (otherwise on the first chunk) and check the backend there."""
-        self.available()
-        return self
-
     @property
     def usable(self) -> bool:
         """False once an optional lane (not ``required``) failed to start."""
