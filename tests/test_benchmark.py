@@ -282,6 +282,14 @@ def test_training_regimes_and_resume(tmp_path, monkeypatch):
     assert train_kwargs_of(Training("early_stopping", None), None)["early_stopping"] is True
     matched = train_kwargs_of(Training("matched", 7), {"lr": 1e-3})
     assert matched["max_epochs"] == 7 and matched["plan_kwargs"] == {"lr": 1e-3}
+    # A variant's own train arguments win over the regime's batch size, in every regime.
+    assert train_kwargs_of(Training("matched", 7), None, {"batch_size": 256})["batch_size"] == 256
+    assert train_kwargs_of(Training("default", None), None, {"batch_size": 64}) == {
+        "enable_progress_bar": False,
+        "batch_size": 64,
+    }
+    with pytest.raises(ValueError, match="max_epochs belongs to the training regime"):
+        train_kwargs_of(Training("default", None), None, {"max_epochs": 5})
     with pytest.raises(ValueError, match="regime"):
         Training("converged")
 

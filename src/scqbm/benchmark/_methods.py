@@ -180,12 +180,13 @@ def _train_scvi_like(cls, adata, batch_key, seed, training, model_kwargs, extra=
 
     model_kwargs = dict(model_kwargs)
     plan_kwargs = model_kwargs.pop("plan_kwargs", None)
+    variant_train_kwargs = model_kwargs.pop("train_kwargs", None)
     _seed_everything(seed)
     work = _model_adata(adata)
     cls.setup_anndata(work, batch_key=batch_key)
     start = time.perf_counter()
     model = cls(work, **model_kwargs)
-    kwargs = train_kwargs_of(training, plan_kwargs)
+    kwargs = train_kwargs_of(training, plan_kwargs, variant_train_kwargs)
     max_epochs = kwargs.get("max_epochs") or get_max_epochs_heuristic(work.n_obs)
     callback = None
     if training.run_dir is not None:
@@ -457,7 +458,8 @@ def resolve_method(spec: str) -> tuple[Method, dict]:
 
     Values are Python literals (``qbmvae_rbm(n_latent=16, beta=5.0)``,
     ``qbmvae_bm(relaxation='overlapping_exp')``); ``plan_kwargs={...}`` goes to ``train``
-    (for example ``plan_kwargs={'n_epochs_kl_warmup': 5}``).
+    (for example ``plan_kwargs={'n_epochs_kl_warmup': 5}``), and so do the entries of
+    ``train_kwargs={...}`` (for example ``train_kwargs={'batch_size': 256}``).
 
     Returns
     -------

@@ -61,13 +61,16 @@ class Training:
         return {"training": self.regime}
 
 
-def train_kwargs_of(training: Training, plan_kwargs: dict | None) -> dict:
+def train_kwargs_of(
+    training: Training, plan_kwargs: dict | None, train_kwargs: dict | None = None
+) -> dict:
     """Keyword arguments of ``model.train`` for a regime (before callbacks).
 
     ``default`` and ``early_stopping`` pass nothing that changes training beyond
     ``early_stopping``: scvi's heuristic picks ``max_epochs``, and batch size, train split and
-    KL warm-up are each model's own defaults. Method variants with ``plan_kwargs`` keep them in
-    every regime (they are part of the variant).
+    KL warm-up are each model's own defaults. Method variants with ``plan_kwargs`` or
+    ``train_kwargs`` (for example ``{'batch_size': 256}``) keep them in every regime (they are
+    part of the variant, so they override the regime's ``batch_size``).
     """
     kwargs: dict = {"enable_progress_bar": False}
     if plan_kwargs is not None:
@@ -76,6 +79,15 @@ def train_kwargs_of(training: Training, plan_kwargs: dict | None) -> dict:
         kwargs.update(max_epochs=training.max_epochs, batch_size=128)
     elif training.regime == "early_stopping":
         kwargs["early_stopping"] = True
+    if train_kwargs:
+        reserved = {"plan_kwargs", "callbacks", "ckpt_path", "max_epochs"} & set(train_kwargs)
+        if reserved:
+            raise ValueError(
+                f"A method variant's train_kwargs cannot set {sorted(reserved)}: max_epochs "
+                "belongs to the training regime, plan_kwargs is its own variant argument, "
+                "callbacks and checkpoints to the suite."
+            )
+        kwargs.update(train_kwargs)
     return kwargs
 
 
