@@ -125,8 +125,11 @@ def main() -> None:
     for label, devices in [(f"ddp x{args.devices}", args.devices)] + (
         [("single process", 1)] if args.single else []
     ):
-        if devices == 1 and rank() != 0:
-            break  # the extra rank's job ends with the DDP fit
+        if devices == 1:
+            if rank() != 0:
+                break  # the extra rank's job ends with the DDP fit
+            # Lightning leaves the group initialised; scvi's metrics would sync over it.
+            torch.distributed.destroy_process_group()
         model, _, epochs, seconds = train(data, args.seed, devices, args.max_epochs)
         if rank() != 0:
             return

@@ -66,3 +66,12 @@ def test_ddp_model_loads_in_one_process(ddp_run):
     assert latent.shape == (model.adata.n_obs, 24)
     # It trains on in a single process.
     model.train(max_epochs=1, batch_size=48, enable_progress_bar=False)
+
+
+def test_single_process_fit_after_ddp_in_the_same_process(ddp_run):
+    # The documented way to train on in one process after a DDP fit (the user guide's DDP
+    # section): destroy the process group that Lightning leaves, then train.
+    out, _ = ddp_run
+    after = torch.load(out / "after_ddp.pt")
+    # The history goes on from the 2 DDP epochs.
+    assert after["epochs"] == 3 and torch.isfinite(torch.tensor(after["log_z"]))

@@ -2,7 +2,9 @@
 
 Lightning's DDP launcher re-runs this script once per extra rank (``LOCAL_RANK`` set), so it
 must be a script, not a pytest function. Every rank writes its chains and log Z to
-``OUT/rank{r}.pt``; rank 0 also saves the model to ``OUT/model``.
+``OUT/rank{r}.pt``; rank 0 also saves the model to ``OUT/model``, then, after rank 1 has
+exited, trains the model on in a single process in this same process and writes
+``OUT/after_ddp.pt``.
 
 Usage: python ddp_train.py OUT [N_LATENT] [ACCELERATOR]
 """
@@ -70,8 +72,25 @@ def main(out: Path, n_latent: int, accelerator: str = "cpu") -> None:
         },
         out / f"rank{rank}.pt",
     )
-    if rank == 0:
-        model.save(out / "model", overwrite=True, save_anndata=True)
+    if rank != 0:
+        return
+    model.save(out / "model", overwrite=True, save_anndata=True)
+    # A single-process fit after the DDP one, in the same process. Lightning leaves the process
+    # group initialised and scvi's torchmetrics sync over it whenever it exists (SCVI fails
+    # the same way), so the documented step is to destroy it first.
+    torch.distributed.destroy_process_group()
+    model.train(
+        max_epochs=1,
+        batch_size=48,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    torch.save(
+        {"log_z": float(module.prior.log_z), "epochs": len(model.history_["elbo_train"])},
+        out / "after_ddp.pt",
+    )
 
 
 if __name__ == "__main__":

@@ -28,10 +28,16 @@ import torch.distributed as dist
 from scqbm.prior import LogPartitionEstimate
 
 
-def world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the current process group, ``(0, 1)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+def world(trainer=None) -> tuple[int, int]:
+    """``(rank, world_size)`` of the fit that ``trainer`` runs; ``(0, 1)`` outside DDP.
+
+    The trainer decides, not the global process group: Lightning leaves the group initialised
+    after a DDP fit, and a later single-process fit in the same process (rank 0 evaluating and
+    training on, a notebook) must not wait in collectives for ranks that have exited.
+    """
+    size = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+    if size > 1 and dist.is_available() and dist.is_initialized():
+        return int(trainer.global_rank), size
     return 0, 1
 
 
@@ -64,16 +70,18 @@ def decorrelate_ranks(sampler, rank: int) -> None:
                 module._generator = None
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` holds on any rank (a collective: every rank must call it)."""
-    if world()[1] == 1:
+def any_rank(flag: bool, device: torch.device, size: int) -> bool:
+    """Whether ``flag`` holds on any of ``size`` ranks (a collective: every rank must call it)."""
+    if size == 1:
         return bool(flag)
     value = torch.tensor(float(flag), device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value > 0)
 
 
-def pooled_estimate(estimate: LogPartitionEstimate, device: torch.device) -> LogPartitionEstimate:
+def pooled_estimate(
+    estimate: LogPartitionEstimate, device: torch.device, size: int
+) -> LogPartitionEstimate:
     """Pool the ranks' AIS estimates of log Z (each from the same number of chains).
 
     With ``m_r`` the mean importance weight of rank ``r`` (``log m_r = value_r - log Z_0``,
@@ -81,7 +89,6 @@ def pooled_estimate(estimate: LogPartitionEstimate, device: torch.device) -> Log
     is ``logsumexp_r(value_r) - log R``; its delta-method standard error is
     ``sqrt(sum_r (m_r se_r)^2) / sum_r m_r``, the ranks' runs being independent.
     """
-    _, size = world()
     if size == 1 or estimate.method != "ais":
         return estimate
     mine = torch.tensor([estimate.value, estimate.stderr], device=device, dtype=torch.float64)
@@ -95,21 +102,21 @@ def pooled_estimate(estimate: LogPartitionEstimate, device: torch.device) -> Log
     return LogPartitionEstimate(float(value), float(stderr), "ais")
 
 
-def chains_per_rank(n_chains: int) -> int:
-    """AIS chains each rank runs so that the ranks together run about ``n_chains``."""
-    return max(1, math.ceil(n_chains / world()[1]))
+def chains_per_rank(n_chains: int, size: int) -> int:
+    """AIS chains each of ``size`` ranks runs so that together they run about ``n_chains``."""
+    return max(1, math.ceil(n_chains / size))
 
 
-def refresh_log_z(prior, final: bool = False) -> LogPartitionEstimate:
-    """``prior.refresh(final)``, with AIS split over the ranks and pooled under DDP.
+def refresh_log_z(prior, size: int = 1, final: bool = False) -> LogPartitionEstimate:
+    """``prior.refresh(final)``, with AIS split over ``size`` ranks and pooled under DDP.
 
     Every rank must call it (a collective when distributed and log Z is not exact).
     """
-    if world()[1] == 1 or prior.exact:
+    if size == 1 or prior.exact:
         return prior.refresh(final=final)
     settings = prior.final_ais_kwargs if final else prior.ais_kwargs
-    estimate = prior.refresh(final=final, n_chains=chains_per_rank(settings["n_chains"]))
-    pooled = pooled_estimate(estimate, prior.log_z.device)
+    estimate = prior.refresh(final=final, n_chains=chains_per_rank(settings["n_chains"], size))
+    pooled = pooled_estimate(estimate, prior.log_z.device, size)
     with torch.inference_mode(False), torch.no_grad():
         prior.log_z.fill_(pooled.value)
         prior.log_z_stderr.fill_(pooled.stderr)

@@ -69,11 +69,16 @@ class QBMTrainingPlan(TrainingPlan):
         self._warned: set[str] = set()
         self._reset_sampler_stats()
 
+    def _world(self) -> tuple[int, int]:
+        """``(rank, world_size)`` of the fit this plan is in (``(0, 1)`` without a trainer)."""
+        return world(self._trainer)
+
     # ------------------------------------------------------------------ log Z
     def _refresh_log_z(self, final: bool = False) -> None:
         if self._log_z_step == self.global_step and not final:
             return
-        refresh_log_z(self.module.prior, final=final)  # pooled over ranks under DDP
+        # Pooled over the ranks under DDP.
+        refresh_log_z(self.module.prior, size=self._world()[1], final=final)
         self._log_z_step = self.global_step
         self._log_z_refreshes += 1
 
@@ -83,16 +88,17 @@ class QBMTrainingPlan(TrainingPlan):
         every = self.log_partition_every_n_steps
         periodic = bool(every) and self.global_step % every == 0
         due = periodic or prior.log_z_drift(negative_samples) > prior.log_z_tolerance
-        if any_rank(due, prior.log_z.device):  # under DDP all ranks refresh together
+        # Under DDP all ranks refresh together.
+        if any_rank(due, prior.log_z.device, self._world()[1]):
             self._refresh_log_z()
 
     def setup(self, stage: str | None = None) -> None:
         # Before DDP wraps the plan: each rank keeps its own chains, not rank 0's.
-        if world()[1] > 1:
+        if self._world()[1] > 1:
             keep_chains_local(self)
 
     def on_fit_start(self) -> None:
-        decorrelate_ranks(self.module.sampler, world()[0])
+        decorrelate_ranks(self.module.sampler, self._world()[0])
 
     def on_train_start(self) -> None:
         self._warned = set()
