@@ -35,7 +35,7 @@ def world(trainer=None) -> tuple[int, int]:
     after a DDP fit, and a later single-process fit in the same process (rank 0 evaluating and
     training on, a notebook) must not wait in collectives for ranks that have exited.
     """
-    size = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+    size = getattr(trainer, "world_size", 1)  # 1 without a trainer
     if size > 1 and dist.is_available() and dist.is_initialized():
         return int(trainer.global_rank), size
     return 0, 1
