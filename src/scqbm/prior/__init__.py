@@ -1,6 +1,6 @@
 """Boltzmann-machine priors: energies, exact and annealed estimates of log Z, Gibbs kernels."""
 
-from ._boltzmann import LOG_Z_TOLERANCE, PRIOR_STRUCTURES, BoltzmannPrior
+from ._boltzmann import LOG_Z_MIN_ESS, LOG_Z_TOLERANCE, PRIOR_STRUCTURES, BoltzmannPrior
 from ._energy import boltzmann_energy
 from ._gibbs_kernels import bipartite_gibbs_sweep, dense_gibbs_sweep, gibbs_sweep
 from ._log_partition import (
@@ -24,6 +24,7 @@ __all__ = [
     "AIS_FINAL_N_CHAINS",
     "AIS_N_BETAS",
     "AIS_N_CHAINS",
+    "LOG_Z_MIN_ESS",
     "LOG_Z_TOLERANCE",
     "MAX_EXACT_UNITS",
     "PRIOR_STRUCTURES",

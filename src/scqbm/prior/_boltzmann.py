@@ -39,6 +39,9 @@ PRIOR_STRUCTURES = ("bm", "rbm", "factorial")
 #: Default tolerance (nats) of the stored log Z against the current prior: the drift bound
 #: plus AIS error stays within 1 nat per cell of a fresh estimate.
 LOG_Z_TOLERANCE = 0.5
+#: Smallest effective sample size, as a fraction of the samples, at which an importance-sampling
+#: update of log Z (:meth:`BoltzmannPrior.log_z_ratio`) is trusted; below it a fresh AIS runs.
+LOG_Z_MIN_ESS = 0.5
 
 
 class BoltzmannPrior(nn.Module):
@@ -157,6 +160,8 @@ class BoltzmannPrior(nn.Module):
         n_free = 0 if self.couplings is None else self.couplings.numel()
         self.register_buffer("_ref_couplings", torch.zeros(n_free), persistent=False)
         self._has_reference = False
+        # Importance-sampling updates applied since the last fresh estimate.
+        self.log_z_updates = 0
 
     # ------------------------------------------------------------- parameters
     def coupling_matrix(self, couplings: torch.Tensor | None = None) -> torch.Tensor:
@@ -266,6 +271,7 @@ class BoltzmannPrior(nn.Module):
             if self.couplings is not None:
                 self._ref_couplings.copy_(self.couplings.detach().reshape(-1))
         self._has_reference = True
+        self.log_z_updates = 0
         return estimate
 
     def current_log_z(self) -> torch.Tensor:
@@ -306,13 +312,62 @@ class BoltzmannPrior(nn.Module):
         bound = float(bound)
         if bound <= self.log_z_tolerance or self.exact or samples is None:
             return bound
+        log_w = self._log_weights_since_reference(samples)
+        change = torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
+        return min(bound, abs(float(change)))
+
+    def _log_weights_since_reference(self, samples: torch.Tensor) -> torch.Tensor:
+        """``E_now(z) - E_ref(z)`` per sample: log importance weights of ``Z_ref / Z_now``."""
         z = samples.detach().to(self.h.dtype)
         # E is linear in (h, W): one energy under the parameter change, not two energies.
-        delta_energy = boltzmann_energy(
+        return boltzmann_energy(
             z, self.h - self._ref_h, self.coupling_matrix() - self._reference_matrix()
         )
-        change = torch.logsumexp(delta_energy, 0) - math.log(delta_energy.shape[0])
-        return min(bound, abs(float(change)))
+
+    @torch.no_grad()
+    def log_z_ratio(self, samples: torch.Tensor) -> LogPartitionEstimate | None:
+        """Importance-sampling estimate of ``log Z(ref) - log Z(now)`` from current samples.
+
+        ``Z_ref / Z_now = E_now[exp(E_now(z) - E_ref(z))]``: with samples of the current prior
+        (the step's negative phase) this moves the stored log Z to the current parameters at
+        the cost of one energy evaluation instead of an AIS run. ``stderr`` is the
+        delta-method standard error. The estimate is consistent only if the samples follow the
+        current prior; the training plan therefore bounds the number of updates between fresh
+        AIS estimates and reports how far the updated value was from the next fresh one.
+
+        Returns
+        -------
+        ``None`` where it does not apply or is not trusted: an exact log Z, no stored
+        estimate, or an effective sample size below :data:`LOG_Z_MIN_ESS` of the samples.
+        A :class:`LogPartitionEstimate` in the form of an AIS result (``value`` the log mean
+        importance weight), so that ranks' estimates pool like AIS estimates.
+
+        """
+        if self.exact or not self._has_reference or torch.isnan(self.log_z):
+            return None
+        log_w = self._log_weights_since_reference(samples)
+        k = log_w.shape[0]
+        w = torch.exp(log_w - log_w.max())
+        ess = float(w.sum() ** 2 / (w**2).sum())
+        if k < 2 or ess < LOG_Z_MIN_ESS * k:
+            return None
+        value = float(torch.logsumexp(log_w, 0)) - math.log(k)
+        stderr = float(w.std() / (w.mean() * math.sqrt(k)))
+        return LogPartitionEstimate(value, stderr, "ais")
+
+    def apply_log_z_ratio(self, ratio: LogPartitionEstimate) -> None:
+        """Move the stored log Z to the current parameters by a :meth:`log_z_ratio` estimate.
+
+        The standard errors add in quadrature; the current parameters become the reference.
+        """
+        with torch.inference_mode(False), torch.no_grad():
+            self.log_z.sub_(ratio.value)
+            stderr = math.hypot(float(self.log_z_stderr), ratio.stderr)
+            self.log_z_stderr.fill_(stderr)
+            self._ref_h.copy_(self.h.detach())
+            if self.couplings is not None:
+                self._ref_couplings.copy_(self.couplings.detach().reshape(-1))
+        self.log_z_updates += 1
 
     def _reference_matrix(self) -> torch.Tensor:
         """``W`` at the last estimate."""

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from scvi.train import TrainingPlan
 
 from scqbm.samplers import SamplerError
 
-from ._distributed import any_rank, decorrelate_ranks, keep_chains_local, refresh_log_z, world
+from ._distributed import (
+    any_rank,
+    decorrelate_ranks,
+    keep_chains_local,
+    pooled_estimate,
+    refresh_log_z,
+    world,
+)
 
 logger = logging.getLogger(__name__)
 
 #: Fraction of saturated posterior probabilities on a batch above which training warns.
 SATURATION_WARNING = 0.99
+#: Default number of importance-sampling updates of log Z between fresh AIS estimates.
+LOG_Z_MAX_UPDATES = 10
 
 
 class QBMTrainingPlan(TrainingPlan):
@@ -32,6 +42,16 @@ class QBMTrainingPlan(TrainingPlan):
     from the step's negative samples when the bound is loose. It is also refreshed before each
     validation pass if needed and, with the final (more precise) AIS settings, at the end.
 
+    A refresh of an AIS log Z is, where it can be, not a new AIS run but an importance-sampling
+    update from the same negative samples (:meth:`~scqbm.prior.BoltzmannPrior.log_z_ratio`):
+    one energy evaluation instead of hundreds of Gibbs sweeps. At most
+    ``log_z_max_updates`` updates follow one another, and only while their effective sample
+    size is high and their accumulated standard error within the tolerance; then a fresh AIS
+    estimate runs, and its difference from the updated value is logged per epoch
+    (``log_z_update_error``, the largest of the epoch) so that the updates' accuracy is
+    measured on every fit. Gradients never depend on the stored value: it enters the logged
+    ELBOs and query results only.
+
     Parameters
     ----------
     module
@@ -43,6 +63,9 @@ class QBMTrainingPlan(TrainingPlan):
     log_partition_every_n_steps
         Additional fixed refresh period of log Z in optimizer steps; ``None``: every 10 steps
         when log Z is exact (a few ms each for 2**16 states), else none beyond the drift rule.
+    log_z_max_updates
+        Most importance-sampling updates of an AIS log Z between two fresh AIS estimates;
+        ``0``: every refresh is a fresh AIS estimate.
     **kwargs
         :class:`~scvi.train.TrainingPlan` arguments (``lr``, ``n_epochs_kl_warmup``, ...).
 
@@ -55,9 +78,13 @@ class QBMTrainingPlan(TrainingPlan):
         lr_prior: float | None = None,
         weight_decay_prior: float = 1e-4,
         log_partition_every_n_steps: int | None = None,
+        log_z_max_updates: int = LOG_Z_MAX_UPDATES,
         **kwargs,
     ):
         super().__init__(module, **kwargs)
+        if int(log_z_max_updates) < 0:
+            raise ValueError(f"`log_z_max_updates` must be >= 0, got {log_z_max_updates}.")
+        self.log_z_max_updates = int(log_z_max_updates)
         self.lr_prior = lr_prior
         self.weight_decay_prior = weight_decay_prior
         if log_partition_every_n_steps is None:
@@ -65,6 +92,9 @@ class QBMTrainingPlan(TrainingPlan):
         self.log_partition_every_n_steps = log_partition_every_n_steps
         self._log_z_step = -1  # global step at which log Z was last computed
         self._log_z_refreshes = 0
+        self._log_z_updates = 0
+        self._log_z_update_error: float | None = None
+        self._last_negative_samples: torch.Tensor | None = None
         self._max_saturation: torch.Tensor | None = None
         self._warned: set[str] = set()
         self._reset_sampler_stats()
@@ -77,10 +107,36 @@ class QBMTrainingPlan(TrainingPlan):
     def _refresh_log_z(self, final: bool = False) -> None:
         if self._log_z_step == self.global_step and not final:
             return
+        prior = self.module.prior
+        updated = float(prior.log_z) if prior.log_z_updates else None
         # Pooled over the ranks under DDP.
-        refresh_log_z(self.module.prior, size=self._world()[1], final=final)
+        refresh_log_z(prior, size=self._world()[1], final=final)
+        if updated is not None:
+            error = abs(updated - float(prior.log_z))
+            self._log_z_update_error = max(error, self._log_z_update_error or 0.0)
         self._log_z_step = self.global_step
         self._log_z_refreshes += 1
+
+    def _update_log_z(self, negative_samples: torch.Tensor | None) -> bool:
+        """An importance-sampling update of log Z in place of a refresh, where trusted.
+
+        A collective under DDP (every rank calls it when a refresh is due): the ranks agree on
+        whether to update and pool their estimates, so all keep the same value.
+        """
+        prior = self.module.prior
+        if prior.exact or prior.log_z_updates >= self.log_z_max_updates:
+            return False
+        ratio = None if negative_samples is None else prior.log_z_ratio(negative_samples)
+        size = self._world()[1]
+        if any_rank(ratio is None, prior.log_z.device, size):
+            return False
+        ratio = pooled_estimate(ratio, prior.log_z.device, size)
+        if math.hypot(float(prior.log_z_stderr), ratio.stderr) > prior.log_z_tolerance:
+            return False
+        prior.apply_log_z_ratio(ratio)
+        self._log_z_step = self.global_step
+        self._log_z_updates += 1
+        return True
 
     def _keep_log_z_current(self, negative_samples: torch.Tensor | None = None) -> None:
         """The one refresh schedule: drift beyond tolerance, or the fixed period."""
@@ -89,8 +145,11 @@ class QBMTrainingPlan(TrainingPlan):
         periodic = bool(every) and self.global_step % every == 0
         due = periodic or prior.log_z_drift(negative_samples) > prior.log_z_tolerance
         # Under DDP all ranks refresh together.
-        if any_rank(due, prior.log_z.device, self._world()[1]):
-            self._refresh_log_z()
+        if not any_rank(due, prior.log_z.device, self._world()[1]):
+            return
+        if not periodic and self._update_log_z(negative_samples):
+            return
+        self._refresh_log_z()
 
     def setup(self, stage: str | None = None) -> None:
         # Before DDP wraps the plan: each rank keeps its own chains, not rank 0's.
@@ -103,6 +162,8 @@ class QBMTrainingPlan(TrainingPlan):
     def on_train_start(self) -> None:
         self._warned = set()
         self._log_z_refreshes = 0
+        self._log_z_updates = 0
+        self._log_z_update_error = None
         properties = self.module.sampler.properties
         if self.module.prior.needs_negative_phase and not properties["persistent"]:
             self._warn_once(
@@ -112,7 +173,8 @@ class QBMTrainingPlan(TrainingPlan):
             )
 
     def on_validation_epoch_start(self) -> None:
-        self._keep_log_z_current()
+        # The last training step's samples: drawing new ones would move the chains.
+        self._keep_log_z_current(self._last_negative_samples)
 
     def on_train_end(self) -> None:
         # The final estimate is what query methods report: spend more on it.
@@ -137,6 +199,7 @@ class QBMTrainingPlan(TrainingPlan):
             ) from err
         samples = None if sample_set is None else sample_set.samples
         self._keep_log_z_current(samples)
+        self._last_negative_samples = samples
         if sample_set is not None:
             self.loss_kwargs["negative_samples"] = samples
             self._log_sampler_info(sample_set.info)
@@ -212,7 +275,12 @@ class QBMTrainingPlan(TrainingPlan):
         self.log("log_z", float(self.module.prior.log_z), **log)
         self.log("log_z_stderr", float(self.module.prior.log_z_stderr), **log)
         self.log("log_z_refreshes", float(self._log_z_refreshes), **log)
+        self.log("log_z_updates", float(self._log_z_updates), **log)
+        if self._log_z_update_error is not None:
+            self.log("log_z_update_error", self._log_z_update_error, **log)
         self._log_z_refreshes = 0
+        self._log_z_updates = 0
+        self._log_z_update_error = None
         self._reset_sampler_stats()
 
     # -------------------------------------------------------------- optimizer

@@ -1,0 +1,89 @@
+"""Log Z bookkeeping at the default training: throughput against scVI and update accuracy.
+
+Trains scVI and QBMVAE with their defaults (``Model(adata).train()``: scvi-tools' epoch
+heuristic, full KL warm-up) on the suite's simulation (4,000 cells x 1,000 genes), each in
+its own process with one torch thread, side by side, so both see the same machine. QBMVAE
+runs with ``log_z_max_updates`` as given (default: the plan's default; ``0`` is AIS at every
+refresh, the behaviour before importance-sampling updates). It prints per model the wall
+time of ``train``, cells/s and the ratio to scVI, and for QBMVAE the number of AIS refreshes
+and importance-sampling updates of log Z, and the largest gap between an updated log Z and
+the next fresh AIS estimate (``log_z_update_error``).
+
+Usage::
+
+    python benchmarks/bench_log_z_updates.py | tee benchmarks/results/log_z_updates.log
+    python benchmarks/bench_log_z_updates.py --max-updates 0 --max-epochs 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import time
+
+
+def _train(which: str, max_updates: int | None, max_epochs: int | None, queue) -> None:
+    import scvi
+    import torch
+
+    import scqbm
+    from scqbm.datasets._simulate import simulate
+
+    torch.set_num_threads(1)
+    adata = simulate(n_cells=4_000, n_genes=1_000, batch_strength=0.2, seed=0)
+    scvi.settings.seed = 0
+    kwargs = {"enable_progress_bar": False, "accelerator": "cpu"}
+    if max_epochs is not None:
+        kwargs["max_epochs"] = max_epochs
+    if which == "scvi":
+        scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+        model = scvi.model.SCVI(adata)
+    else:
+        scqbm.QBMVAE.setup_anndata(adata, batch_key="batch")
+        model = scqbm.QBMVAE(adata)
+        if max_updates is not None:
+            kwargs["plan_kwargs"] = {"log_z_max_updates": max_updates}
+    start = time.perf_counter()
+    model.train(**kwargs)
+    seconds = time.perf_counter() - start
+    history = model.history
+    epochs = len(history["train_loss_epoch"])
+    out = {"which": which, "seconds": seconds, "epochs": epochs}
+    out["cells_per_second"] = adata.n_obs * 0.9 * epochs / seconds  # scvi's 90% train split
+    if which != "scvi":
+        out["refreshes"] = float(history["log_z_refreshes"].to_numpy().sum())
+        out["updates"] = float(history["log_z_updates"].to_numpy().sum())
+        error = history.get("log_z_update_error")
+        out["max_update_error"] = None if error is None else float(error.max().max())
+        out["n_checked"] = 0 if error is None else int(error.notna().sum().sum())
+        out["final_log_z"] = float(model.module.prior.log_z)
+    queue.put(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--max-updates", type=int, default=None)
+    parser.add_argument("--max-epochs", type=int, default=None)
+    args = parser.parse_args()
+    print(f"# {platform.machine()}, {mp.cpu_count()} CPU cores, one torch thread per model")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_train, args=(w, args.max_updates, args.max_epochs, queue))
+        for w in ("scvi", "qbmvae")
+    ]
+    for p in procs:
+        p.start()
+    results = {r["which"]: r for r in (queue.get() for _ in procs)}
+    for p in procs:
+        p.join()
+    ratio = results["qbmvae"]["cells_per_second"] / results["scvi"]["cells_per_second"]
+    for which in ("scvi", "qbmvae"):
+        print(json.dumps(results[which]))
+    print(f"throughput ratio QBMVAE / scVI: {ratio:.2f}x (log_z_max_updates={args.max_updates})")
+
+
+if __name__ == "__main__":
+    main()
