@@ -43,6 +43,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/python -m pip install -q ruff
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 $(PY312_STAMP): pyproject.toml
 	@test -n "$(PY312)" || { echo "No Python 3.12 found: make PY312=/path/to/python3.12" >&2; exit 1; }

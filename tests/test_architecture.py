@@ -33,6 +33,7 @@ LAYERS = {
     "": 6,
 }
 
+
 def module_names() -> dict[str, Path]:
     names = {}
     for path in (SRC / PACKAGE).rglob("*.py"):

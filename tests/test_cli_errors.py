@@ -69,9 +69,7 @@ def test_overwrite_keeps_the_full_input_and_adds_results(h5ad):
     options = ["--max-epochs", "1", "--n-top-genes", "10", "--max-cells", "60", "--no-umap"]
     assert main([*args, *options, "--n-latent", "4"]) == 0
     written = ad.read_h5ad(h5ad)
-    assert written.shape == original.shape and list(written.var_names) == list(
-        original.var_names
-    )
+    assert written.shape == original.shape and list(written.var_names) == list(original.var_names)
     assert np.array_equal(written.X, original.X)
     embedding = written.obsm["X_qbmvae"]
     assert embedding.shape == (80, 4) and np.isnan(embedding).any(axis=1).sum() == 20

@@ -171,9 +171,7 @@ def test_prior_group_built_through_scvi_optimizer_creator(optimizer):
     kwargs = {"lr": 2e-3, "weight_decay": 1e-5, "optimizer": optimizer}
     if optimizer == "Custom":
         kwargs["optimizer_creator"] = lambda params: torch.optim.SGD(params, lr=0.5)
-    plan = model._training_plan_cls(
-        model.module, lr_prior=7e-3, weight_decay_prior=3e-4, **kwargs
-    )
+    plan = model._training_plan_cls(model.module, lr_prior=7e-3, weight_decay_prior=3e-4, **kwargs)
     assert isinstance(plan, TrainingPlan)
     opt = plan.configure_optimizers()["optimizer"]
     expected = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "Custom": torch.optim.SGD}

@@ -238,9 +238,7 @@ def _figure_umaps(data, run_root: Path, methods: list[str], seeds: list[int], pa
     return True
 
 
-def _figure_energy(
-    data, run_root: Path, methods: list[str], seeds: list[int], path: Path
-) -> bool:
+def _figure_energy(data, run_root: Path, methods: list[str], seeds: list[int], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     energies = {}

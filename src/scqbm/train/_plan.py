@@ -302,9 +302,7 @@ class QBMTrainingPlan(TrainingPlan):
             groups = [{"params": network}] if network else []
             if prior:
                 lr = self.lr if self.lr_prior is None else self.lr_prior
-                groups.append(
-                    {"params": prior, "lr": lr, "weight_decay": self.weight_decay_prior}
-                )
+                groups.append({"params": prior, "lr": lr, "weight_decay": self.weight_decay_prior})
             return create(groups)
 
         return create_with_prior_group
