@@ -49,7 +49,7 @@ def _train(which: str, max_updates: int | None, max_epochs: int | None, queue) -
     model.train(**kwargs)
     seconds = time.perf_counter() - start
     history = model.history
-    epochs = len(history["train_loss_epoch"])
+    epochs = len(history["elbo_train"])
     out = {"which": which, "seconds": seconds, "epochs": epochs}
     out["cells_per_second"] = adata.n_obs * 0.9 * epochs / seconds  # scvi's 90% train split
     if which != "scvi":
