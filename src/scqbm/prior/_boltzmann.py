@@ -338,7 +338,7 @@ class BoltzmannPrior(nn.Module):
         Returns
         -------
         ``None`` where it does not apply or is not trusted: an exact log Z, no stored
-        estimate, or an effective sample size below :data:`LOG_Z_MIN_ESS` of the samples.
+        estimate, or an effective sample size below ``scqbm.prior.LOG_Z_MIN_ESS`` of the samples.
         A :class:`LogPartitionEstimate` in the form of an AIS result (``value`` the log mean
         importance weight), so that ranks' estimates pool like AIS estimates.
 
@@ -356,7 +356,7 @@ class BoltzmannPrior(nn.Module):
         return LogPartitionEstimate(value, stderr, "ais")
 
     def apply_log_z_ratio(self, ratio: LogPartitionEstimate) -> None:
-        """Move the stored log Z to the current parameters by a :meth:`log_z_ratio` estimate.
+        """Move the stored log Z to the current parameters by a ``log_z_ratio`` estimate.
 
         The standard errors add in quadrature; the current parameters become the reference.
         """
