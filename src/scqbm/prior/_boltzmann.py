@@ -29,6 +29,7 @@ from ._log_partition import (
     LogPartitionEstimate,
     ais_log_partition,
     exact_log_partition,
+    log_mean_weight,
     n_enumerated_units,
 )
 
@@ -267,12 +268,17 @@ class BoltzmannPrior(nn.Module):
         with torch.inference_mode(False), torch.no_grad():
             self.log_z.fill_(estimate.value)
             self.log_z_stderr.fill_(estimate.stderr)
+        self._set_reference()
+        self.log_z_updates = 0
+        return estimate
+
+    def _set_reference(self) -> None:
+        """Make the current parameters the ones the stored log Z refers to."""
+        with torch.inference_mode(False), torch.no_grad():
             self._ref_h.copy_(self.h.detach())
             if self.couplings is not None:
                 self._ref_couplings.copy_(self.couplings.detach().reshape(-1))
         self._has_reference = True
-        self.log_z_updates = 0
-        return estimate
 
     def current_log_z(self) -> torch.Tensor:
         """The stored log Z (a 0-d buffer), estimated on first use."""
@@ -312,8 +318,7 @@ class BoltzmannPrior(nn.Module):
         bound = float(bound)
         if bound <= self.log_z_tolerance or self.exact or samples is None:
             return bound
-        log_w = self._log_weights_since_reference(samples)
-        change = torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
+        change, _ = log_mean_weight(self._log_weights_since_reference(samples))
         return min(bound, abs(float(change)))
 
     def _log_weights_since_reference(self, samples: torch.Tensor) -> torch.Tensor:
@@ -351,9 +356,8 @@ class BoltzmannPrior(nn.Module):
         ess = float(w.sum() ** 2 / (w**2).sum())
         if k < 2 or ess < LOG_Z_MIN_ESS * k:
             return None
-        value = float(torch.logsumexp(log_w, 0)) - math.log(k)
-        stderr = float(w.std() / (w.mean() * math.sqrt(k)))
-        return LogPartitionEstimate(value, stderr, "ais")
+        value, stderr = log_mean_weight(log_w)
+        return LogPartitionEstimate(float(value), float(stderr), "ais")
 
     def apply_log_z_ratio(self, ratio: LogPartitionEstimate) -> None:
         """Move the stored log Z to the current parameters by a ``log_z_ratio`` estimate.
@@ -362,11 +366,8 @@ class BoltzmannPrior(nn.Module):
         """
         with torch.inference_mode(False), torch.no_grad():
             self.log_z.sub_(ratio.value)
-            stderr = math.hypot(float(self.log_z_stderr), ratio.stderr)
-            self.log_z_stderr.fill_(stderr)
-            self._ref_h.copy_(self.h.detach())
-            if self.couplings is not None:
-                self._ref_couplings.copy_(self.couplings.detach().reshape(-1))
+            self.log_z_stderr.fill_(math.hypot(float(self.log_z_stderr), ratio.stderr))
+        self._set_reference()
         self.log_z_updates += 1
 
     def _reference_matrix(self) -> torch.Tensor:

@@ -177,7 +177,17 @@ def ais_log_partition(
         log_w -= (b - b_prev) * boltzmann_energy(z, no_fields, W)
         z = gibbs_sweep(z, h, W, n_visible, coupling_scale=b, generator=generator)
     log_z0 = F.softplus(h).sum()
-    log_mean_w = torch.logsumexp(log_w, 0) - math.log(n_chains)
+    log_mean_w, stderr = log_mean_weight(log_w)
+    return LogPartitionEstimate(float(log_z0 + log_mean_w), float(stderr), "ais")
+
+
+def log_mean_weight(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log mean(w)`` of importance weights given as ``log_w`` ``(K,)``, and its standard error.
+
+    The standard error is the delta-method one, ``std(w) / (sqrt(K) mean(w))``; both are 0-d
+    tensors (no host synchronisation). Shared by AIS and the importance-sampling change of log
+    Z between two sets of prior parameters.
+    """
+    k = log_w.shape[0]
     w = torch.exp(log_w - log_w.max())
-    stderr = (w.std() / (w.mean() * math.sqrt(n_chains))).item()
-    return LogPartitionEstimate(float(log_z0 + log_mean_w), stderr, "ais")
+    return torch.logsumexp(log_w, 0) - math.log(k), w.std() / (w.mean() * math.sqrt(k))
