@@ -7,12 +7,15 @@ runs with ``log_z_max_updates`` as given (default: the plan's default; ``0`` is 
 refresh, the behaviour before importance-sampling updates). It prints per model the wall
 time of ``train``, cells/s and the ratio to scVI, and for QBMVAE the number of AIS refreshes
 and importance-sampling updates of log Z, and the largest gap between an updated log Z and
-the next fresh AIS estimate (``log_z_update_error``).
+the next fresh AIS estimate (``log_z_update_error``), and the AIS refreshes that the time
+budget deferred (``log_z_refresh_budget``) with the largest drift a logged loss carried.
+``--n-latent`` trains a wider QBMVAE (scVI keeps its defaults).
 
 Usage::
 
     python benchmarks/bench_log_z_updates.py | tee benchmarks/results/log_z_updates.log
     python benchmarks/bench_log_z_updates.py --max-updates 0 --max-epochs 40
+    python benchmarks/bench_log_z_updates.py --n-latent 256 --refresh-budget none
 """
 
 from __future__ import annotations
@@ -25,15 +28,15 @@ import time
 import traceback
 
 
-def _train(which: str, max_updates: int | None, max_epochs: int | None, queue) -> None:
+def _train(which: str, args: argparse.Namespace, queue) -> None:
     # A failure is sent back, not left to the child's stderr: the parent waits on the queue.
     try:
-        queue.put(_fit(which, max_updates, max_epochs))
+        queue.put(_fit(which, args))
     except Exception:
         queue.put({"which": which, "error": traceback.format_exc()})
 
 
-def _fit(which: str, max_updates: int | None, max_epochs: int | None) -> dict:
+def _fit(which: str, args: argparse.Namespace) -> dict:
     import scvi
     import torch
 
@@ -44,16 +47,23 @@ def _fit(which: str, max_updates: int | None, max_epochs: int | None) -> dict:
     adata = simulate(n_cells=4_000, n_genes=1_000, batch_strength=0.2, seed=0)
     scvi.settings.seed = 0
     kwargs = {"enable_progress_bar": False, "accelerator": "cpu"}
-    if max_epochs is not None:
-        kwargs["max_epochs"] = max_epochs
+    if args.max_epochs is not None:
+        kwargs["max_epochs"] = args.max_epochs
     if which == "scvi":
         scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
         model = scvi.model.SCVI(adata)
     else:
         scqbm.QBMVAE.setup_anndata(adata, batch_key="batch")
-        model = scqbm.QBMVAE(adata)
-        if max_updates is not None:
-            kwargs["plan_kwargs"] = {"log_z_max_updates": max_updates}
+        width = {} if args.n_latent is None else {"n_latent": args.n_latent}
+        model = scqbm.QBMVAE(adata, **width)
+        plan_kwargs = {}
+        if args.max_updates is not None:
+            plan_kwargs["log_z_max_updates"] = args.max_updates
+        if args.refresh_budget != "default":
+            budget = None if args.refresh_budget == "none" else float(args.refresh_budget)
+            plan_kwargs["log_z_refresh_budget"] = budget
+        if plan_kwargs:
+            kwargs["plan_kwargs"] = plan_kwargs
     start = time.perf_counter()
     model.train(**kwargs)
     seconds = time.perf_counter() - start
@@ -68,6 +78,9 @@ def _fit(which: str, max_updates: int | None, max_epochs: int | None) -> dict:
         error = history.get("log_z_update_error")
         out["max_update_error"] = None if error is None else float(error.max().max())
         out["n_checked"] = 0 if error is None else int(error.notna().sum().sum())
+        out["deferred"] = float(history["log_z_deferred"].to_numpy().sum())
+        drift = history.get("log_z_deferred_drift")
+        out["max_deferred_drift"] = None if drift is None else float(drift.max().max())
         out["final_log_z"] = float(model.module.prior.log_z)
     return out
 
@@ -76,14 +89,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-updates", type=int, default=None)
     parser.add_argument("--max-epochs", type=int, default=None)
+    parser.add_argument("--n-latent", type=int, default=None, help="QBMVAE's (default: its own)")
+    parser.add_argument(
+        "--refresh-budget", default="default", help="log_z_refresh_budget: a share, or 'none'"
+    )
     args = parser.parse_args()
     print(f"# {platform.machine()}, {mp.cpu_count()} CPU cores, one torch thread per model")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [
-        ctx.Process(target=_train, args=(w, args.max_updates, args.max_epochs, queue))
-        for w in ("scvi", "qbmvae")
-    ]
+    procs = [ctx.Process(target=_train, args=(w, args, queue)) for w in ("scvi", "qbmvae")]
     for p in procs:
         p.start()
     results = {r["which"]: r for r in (queue.get() for _ in procs)}
@@ -95,7 +109,10 @@ def main() -> None:
     ratio = results["qbmvae"]["cells_per_second"] / results["scvi"]["cells_per_second"]
     for which in ("scvi", "qbmvae"):
         print(json.dumps(results[which]))
-    print(f"throughput ratio QBMVAE / scVI: {ratio:.2f}x (log_z_max_updates={args.max_updates})")
+    print(
+        f"throughput ratio QBMVAE / scVI: {ratio:.2f}x (n_latent={args.n_latent}, "
+        f"log_z_max_updates={args.max_updates}, log_z_refresh_budget={args.refresh_budget})"
+    )
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def test_logged_log_z_follows_a_fast_moving_prior(adata, monkeypatch, method, ma
         max_epochs=4, batch_size=10, train_size=1.0, enable_progress_bar=False,
         plan_kwargs={
             "lr": 1e-2, "lr_prior": 1e-1, "n_epochs_kl_warmup": None,
-            "log_z_max_updates": max_updates,
+            "log_z_max_updates": max_updates, "log_z_refresh_budget": None,
         },
     )  # fmt: skip
     refreshes = model.history["log_z_refreshes"].to_numpy(dtype=float).sum()
@@ -212,6 +212,62 @@ def test_logged_log_z_follows_a_fast_moving_prior(adata, monkeypatch, method, ma
         # The drift estimate plus AIS error: within the 1 nat per cell users ask for.
         assert max(gaps) <= 2 * LOG_Z_TOLERANCE
         assert max(stderrs) < 0.1
+
+
+def _train_with_budget(adata, budget):
+    scvi.settings.seed = 0
+    QBMVAE.setup_anndata(adata, batch_key="batch")
+    model = QBMVAE(
+        adata, n_latent=12, n_hidden=16, prior="bm", log_partition="ais",
+        ais_kwargs={"n_chains": 64, "n_betas": 50},
+    )  # fmt: skip
+    model.train(
+        max_epochs=3, batch_size=10, enable_progress_bar=False,
+        plan_kwargs={
+            "lr": 1e-2, "lr_prior": 1e-1, "n_epochs_kl_warmup": None,
+            "log_z_refresh_budget": budget,
+        },
+    )  # fmt: skip
+    return model
+
+
+def test_refresh_budget_defers_ais_without_changing_training(adata):
+    """The budget decides only when log Z is re-estimated, never what training computes.
+
+    A budget of 1e-9 of the training time defers every routine AIS refresh after the first
+    estimate; the weights, chains and decoded outputs are bit-identical to those of an
+    unlimited run with the same seed, because AIS draws from its own generator.
+    """
+    free = _train_with_budget(adata, None)
+    capped = _train_with_budget(adata, 1e-9)
+    free_h, capped_h = free.history, capped.history
+    free_refreshes = free_h["log_z_refreshes"].to_numpy(dtype=float).sum()
+    capped_refreshes = capped_h["log_z_refreshes"].to_numpy(dtype=float).sum()
+    deferred = capped_h["log_z_deferred"].to_numpy(dtype=float)
+    assert free_h["log_z_deferred"].to_numpy(dtype=float).sum() == 0
+    assert deferred.sum() > 0 and free_refreshes > capped_refreshes
+    # Every deferral is accounted for: what was due either ran or was deferred.
+    assert capped_refreshes + deferred.sum() >= free_refreshes
+    # The logged drift of a deferred estimate exceeds the tolerance (that is why it was due).
+    drift = capped_h["log_z_deferred_drift"].to_numpy(dtype=float)
+    assert np.nanmax(drift) > LOG_Z_TOLERANCE
+    skip = {"prior.log_z", "prior.log_z_stderr"}
+    free_state, capped_state = free.module.state_dict(), capped.module.state_dict()
+    assert free_state.keys() == capped_state.keys()
+    for key in free_state:
+        if key not in skip:
+            assert torch.equal(free_state[key], capped_state[key]), key
+    # The final estimate always runs: both models report a fresh log Z of the same prior.
+    free_z, capped_z = free.get_log_partition(), capped.get_log_partition()
+    assert abs(free_z.value - capped_z.value) < 4 * math.hypot(free_z.stderr, capped_z.stderr)
+
+
+def test_refresh_budget_must_be_a_share_of_time(adata):
+    QBMVAE.setup_anndata(adata, batch_key="batch")
+    model = QBMVAE(adata, n_latent=6, n_hidden=8)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="log_z_refresh_budget"):
+            model.train(max_epochs=1, plan_kwargs={"log_z_refresh_budget": bad})
 
 
 def test_saturated_latent_warns_once(adata, caplog):

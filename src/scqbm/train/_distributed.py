@@ -107,15 +107,19 @@ def chains_per_rank(n_chains: int, size: int) -> int:
     return max(1, math.ceil(n_chains / size))
 
 
-def refresh_log_z(prior, size: int = 1, final: bool = False) -> LogPartitionEstimate:
+def refresh_log_z(
+    prior, size: int = 1, final: bool = False, generator: torch.Generator | None = None
+) -> LogPartitionEstimate:
     """``prior.refresh(final)``, with AIS split over ``size`` ranks and pooled under DDP.
 
     Every rank must call it (a collective when distributed and log Z is not exact).
+    ``generator``: the random generator of the AIS chains (default torch's global one).
     """
     if size == 1 or prior.exact:
-        return prior.refresh(final=final)
+        return prior.refresh(final=final, generator=generator)
     settings = prior.final_ais_kwargs if final else prior.ais_kwargs
-    estimate = prior.refresh(final=final, n_chains=chains_per_rank(settings["n_chains"], size))
+    n_chains = chains_per_rank(settings["n_chains"], size)
+    estimate = prior.refresh(final=final, n_chains=n_chains, generator=generator)
     pooled = pooled_estimate(estimate, prior.log_z.device, size)
     with torch.inference_mode(False), torch.no_grad():
         prior.log_z.fill_(pooled.value)

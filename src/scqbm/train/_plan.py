@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import torch
 from scvi.train import TrainingPlan
@@ -27,6 +28,10 @@ SATURATION_WARNING = 0.99
 #: because at 400 epochs on the simulation an updated value was 4.3 nats from the next AIS
 #: run (benchmarks/results/log_z_updates.log), beyond the tolerance.
 LOG_Z_MAX_UPDATES = 0
+#: Default largest share of training wall time spent on routine AIS refreshes of log Z. At
+#: n_latent=256 the drift rule asks for an AIS run on most steps (about 20 per epoch on the
+#: simulation), which made training ten times slower than the rest of the step costs.
+LOG_Z_REFRESH_BUDGET = 0.1
 
 
 class QBMTrainingPlan(TrainingPlan):
@@ -54,6 +59,16 @@ class QBMTrainingPlan(TrainingPlan):
     the updates' accuracy is measured on every fit. Gradients never depend on the stored
     value: it enters the logged ELBOs and query results only.
 
+    Routine AIS refreshes during training are capped at ``log_z_refresh_budget`` of the
+    training wall time: a refresh that is due beyond it is deferred (the step's logged loss
+    then uses the older estimate; the history's ``log_z_deferred`` and
+    ``log_z_deferred_drift`` count the deferrals and give the largest drift estimate a logged
+    value carried). The first estimate, the one before each validation pass and the final
+    one always run, and an exact log Z is never deferred. AIS draws from a generator of its
+    own, seeded per refresh from the fit's seed and the step, so that when log Z is refreshed
+    never changes the random numbers training uses: with the same seed, the trained weights
+    are the same whatever the budget (and the machine's speed).
+
     Parameters
     ----------
     module
@@ -70,6 +85,11 @@ class QBMTrainingPlan(TrainingPlan):
         ``0`` (default): every refresh is a fresh AIS estimate. Opt-in and experimental: it
         makes training faster, but the updates can drift from AIS by more than the tolerance
         (``log_z_update_error`` in the history says by how much on each fit).
+    log_z_refresh_budget
+        Largest share of the training wall time spent on routine AIS refreshes of log Z
+        (default ``LOG_Z_REFRESH_BUDGET``, 0.1); ``None``: every due refresh runs, so that
+        every logged training loss uses a log Z within the tolerance. It binds at wide latents
+        (hundreds of units), where log Z moves by the tolerance almost every step.
     **kwargs
         :class:`~scvi.train.TrainingPlan` arguments (``lr``, ``n_epochs_kl_warmup``, ...).
 
@@ -83,11 +103,18 @@ class QBMTrainingPlan(TrainingPlan):
         weight_decay_prior: float = 1e-4,
         log_partition_every_n_steps: int | None = None,
         log_z_max_updates: int = LOG_Z_MAX_UPDATES,
+        log_z_refresh_budget: float | None = LOG_Z_REFRESH_BUDGET,
         **kwargs,
     ):
         super().__init__(module, **kwargs)
         if int(log_z_max_updates) < 0:
             raise ValueError(f"`log_z_max_updates` must be >= 0, got {log_z_max_updates}.")
+        if log_z_refresh_budget is not None and not 0 < log_z_refresh_budget <= 1:
+            raise ValueError(
+                "`log_z_refresh_budget` must be a share of the training time in (0, 1], or "
+                f"None for no limit; got {log_z_refresh_budget}."
+            )
+        self.log_z_refresh_budget = log_z_refresh_budget
         self.log_z_max_updates = int(log_z_max_updates)
         self.lr_prior = lr_prior
         self.weight_decay_prior = weight_decay_prior
@@ -98,6 +125,11 @@ class QBMTrainingPlan(TrainingPlan):
         self._log_z_refreshes = 0
         self._log_z_updates = 0
         self._log_z_update_error: float | None = None
+        self._log_z_seed = 0  # drawn at fit start; AIS refreshes derive their seeds from it
+        self._log_z_seconds = 0.0  # wall time of routine AIS refreshes in this fit
+        self._train_start = time.perf_counter()
+        self._log_z_deferred = 0
+        self._log_z_deferred_drift: float | None = None
         self._last_negative_samples: torch.Tensor | None = None
         self._max_saturation: torch.Tensor | None = None
         self._warned: set[str] = set()
@@ -113,8 +145,11 @@ class QBMTrainingPlan(TrainingPlan):
             return
         prior = self.module.prior
         updated = float(prior.log_z) if prior.log_z_updates else None
-        # Pooled over the ranks under DDP.
-        refresh_log_z(prior, size=self._world()[1], final=final)
+        # A generator of its own, seeded by the step: AIS never draws from the random numbers
+        # of training, whenever it runs. Pooled over the ranks under DDP.
+        seed = self._log_z_seed + 2 * self.global_step + int(final)
+        generator = torch.Generator(device=prior.h.device).manual_seed(seed)
+        refresh_log_z(prior, size=self._world()[1], final=final, generator=generator)
         if updated is not None:
             error = abs(updated - float(prior.log_z))
             self._log_z_update_error = max(error, self._log_z_update_error or 0.0)
@@ -142,18 +177,39 @@ class QBMTrainingPlan(TrainingPlan):
         self._log_z_updates += 1
         return True
 
-    def _keep_log_z_current(self, negative_samples: torch.Tensor | None = None) -> None:
+    def _over_budget(self, drift: float) -> bool:
+        """Whether a due AIS refresh is deferred: beyond the time budget on every rank."""
+        prior = self.module.prior
+        if self.log_z_refresh_budget is None or prior.exact or math.isinf(drift):
+            return False
+        elapsed = time.perf_counter() - self._train_start
+        over = self._log_z_seconds > self.log_z_refresh_budget * elapsed
+        # Deferred only if every rank is over (the ranks must agree; any_rank is an OR).
+        return not any_rank(not over, prior.log_z.device, self._world()[1])
+
+    def _keep_log_z_current(
+        self, negative_samples: torch.Tensor | None = None, budgeted: bool = True
+    ) -> None:
         """The one refresh schedule: drift beyond tolerance, or the fixed period."""
         prior = self.module.prior
         every = self.log_partition_every_n_steps
         periodic = bool(every) and self.global_step % every == 0
-        due = periodic or prior.log_z_drift(negative_samples) > prior.log_z_tolerance
+        drift = prior.log_z_drift(negative_samples)
+        due = periodic or drift > prior.log_z_tolerance
+        size = self._world()[1]
         # Under DDP all ranks refresh together.
-        if not any_rank(due, prior.log_z.device, self._world()[1]):
+        if not any_rank(due, prior.log_z.device, size):
             return
         if not periodic and self._update_log_z(negative_samples):
             return
+        if budgeted and self._over_budget(drift):
+            self._log_z_deferred += 1
+            self._log_z_deferred_drift = max(drift, self._log_z_deferred_drift or 0.0)
+            return
+        start = time.perf_counter()
         self._refresh_log_z()
+        if budgeted and not math.isinf(drift):  # the first estimate is not a routine one
+            self._log_z_seconds += time.perf_counter() - start
 
     def setup(self, stage: str | None = None) -> None:
         # Before DDP wraps the plan: each rank keeps its own chains, not rank 0's.
@@ -162,12 +218,18 @@ class QBMTrainingPlan(TrainingPlan):
 
     def on_fit_start(self) -> None:
         decorrelate_ranks(self.module.sampler, self._world()[0])
+        # One draw of the global generator (seeded, and decorrelated per rank under DDP).
+        self._log_z_seed = int(torch.randint(1 << 30, (), device="cpu"))
 
     def on_train_start(self) -> None:
         self._warned = set()
         self._log_z_refreshes = 0
         self._log_z_updates = 0
         self._log_z_update_error = None
+        self._log_z_seconds = 0.0
+        self._train_start = time.perf_counter()
+        self._log_z_deferred = 0
+        self._log_z_deferred_drift = None
         properties = self.module.sampler.properties
         if self.module.prior.needs_negative_phase and not properties["persistent"]:
             self._warn_once(
@@ -177,8 +239,9 @@ class QBMTrainingPlan(TrainingPlan):
             )
 
     def on_validation_epoch_start(self) -> None:
-        # The last training step's samples: drawing new ones would move the chains.
-        self._keep_log_z_current(self._last_negative_samples)
+        # The last training step's samples: drawing new ones would move the chains. Never
+        # deferred: the validation ELBO (early stopping's monitor) uses this estimate.
+        self._keep_log_z_current(self._last_negative_samples, budgeted=False)
 
     def on_train_end(self) -> None:
         # The final estimate is what query methods report: spend more on it.
@@ -282,9 +345,14 @@ class QBMTrainingPlan(TrainingPlan):
         self.log("log_z_updates", float(self._log_z_updates), **log)
         if self._log_z_update_error is not None:
             self.log("log_z_update_error", self._log_z_update_error, **log)
+        self.log("log_z_deferred", float(self._log_z_deferred), **log)
+        if self._log_z_deferred_drift is not None:
+            self.log("log_z_deferred_drift", self._log_z_deferred_drift, **log)
         self._log_z_refreshes = 0
         self._log_z_updates = 0
         self._log_z_update_error = None
+        self._log_z_deferred = 0
+        self._log_z_deferred_drift = None
         self._reset_sampler_stats()
 
     # -------------------------------------------------------------- optimizer
