@@ -218,8 +218,9 @@ class QBMTrainingPlan(TrainingPlan):
 
     def on_fit_start(self) -> None:
         decorrelate_ranks(self.module.sampler, self._world()[0])
-        # One draw of the global generator (seeded, and decorrelated per rank under DDP).
-        self._log_z_seed = int(torch.randint(1 << 30, (), device="cpu"))
+        # The global generator's seed (set by scvi.settings.seed, offset per rank under DDP),
+        # read without drawing from it: training's random numbers stay as they were.
+        self._log_z_seed = torch.initial_seed() % (1 << 62)
 
     def on_train_start(self) -> None:
         self._warned = set()
