@@ -120,6 +120,9 @@ def _prior_of(path: str) -> tuple[BoltzmannPrior, float, float, torch.Tensor | N
         prior.h.copy_(h)
         prior.couplings.copy_(couplings)
     chains = state.get("sampler.state")
+    if chains is not None and "sampler.betas" in state:
+        # Parallel tempering keeps every replica, hottest last: the target (beta = 1) first.
+        chains = chains.reshape(state["sampler.betas"].numel(), -1, n)[0]
     return prior, float(state["prior.log_z"]), float(state["prior.log_z_stderr"]), chains
 
 
