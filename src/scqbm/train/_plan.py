@@ -30,7 +30,7 @@ SATURATION_WARNING = 0.99
 LOG_Z_MAX_UPDATES = 0
 #: Default largest share of training wall time spent on routine AIS refreshes of log Z. At
 #: n_latent=256 the drift rule asks for an AIS run on most steps (about 20 per epoch on the
-#: simulation), which made training ten times slower than the rest of the step costs.
+#: simulation) and training ran at about a tenth of the default width's cells/s.
 LOG_Z_REFRESH_BUDGET = 0.1
 
 
@@ -125,7 +125,7 @@ class QBMTrainingPlan(TrainingPlan):
         self._log_z_refreshes = 0
         self._log_z_updates = 0
         self._log_z_update_error: float | None = None
-        self._log_z_seed = 0  # drawn at fit start; AIS refreshes derive their seeds from it
+        self._log_z_seed = 0  # read at fit start; AIS refreshes derive their seeds from it
         self._log_z_seconds = 0.0  # wall time of routine AIS refreshes in this fit
         self._train_start = time.perf_counter()
         self._log_z_deferred = 0
