@@ -122,17 +122,13 @@ class QBMTrainingPlan(TrainingPlan):
             log_partition_every_n_steps = 10 if module.exact_log_partition else 0
         self.log_partition_every_n_steps = log_partition_every_n_steps
         self._log_z_step = -1  # global step at which log Z was last computed
-        self._log_z_refreshes = 0
-        self._log_z_updates = 0
-        self._log_z_update_error: float | None = None
         self._log_z_seed = 0  # read at fit start; AIS refreshes derive their seeds from it
         self._log_z_seconds = 0.0  # wall time of routine AIS refreshes in this fit
         self._train_start = time.perf_counter()
-        self._log_z_deferred = 0
-        self._log_z_deferred_drift: float | None = None
         self._last_negative_samples: torch.Tensor | None = None
         self._max_saturation: torch.Tensor | None = None
         self._warned: set[str] = set()
+        self._reset_log_z_stats()
         self._reset_sampler_stats()
 
     def _world(self) -> tuple[int, int]:
@@ -224,13 +220,9 @@ class QBMTrainingPlan(TrainingPlan):
 
     def on_train_start(self) -> None:
         self._warned = set()
-        self._log_z_refreshes = 0
-        self._log_z_updates = 0
-        self._log_z_update_error = None
+        self._reset_log_z_stats()
         self._log_z_seconds = 0.0
         self._train_start = time.perf_counter()
-        self._log_z_deferred = 0
-        self._log_z_deferred_drift = None
         properties = self.module.sampler.properties
         if self.module.prior.needs_negative_phase and not properties["persistent"]:
             self._warn_once(
@@ -306,6 +298,14 @@ class QBMTrainingPlan(TrainingPlan):
                 "consider a smaller learning rate or a longer KL warm-up.",
             )
 
+    def _reset_log_z_stats(self) -> None:
+        """The per-epoch log Z counters of the history (refreshes, updates, deferrals)."""
+        self._log_z_refreshes = 0
+        self._log_z_updates = 0
+        self._log_z_update_error: float | None = None
+        self._log_z_deferred = 0
+        self._log_z_deferred_drift: float | None = None
+
     def _reset_sampler_stats(self) -> None:
         self._sampler_seconds = 0.0
         self._sampler_fallbacks = 0
@@ -349,11 +349,7 @@ class QBMTrainingPlan(TrainingPlan):
         self.log("log_z_deferred", float(self._log_z_deferred), **log)
         if self._log_z_deferred_drift is not None:
             self.log("log_z_deferred_drift", self._log_z_deferred_drift, **log)
-        self._log_z_refreshes = 0
-        self._log_z_updates = 0
-        self._log_z_update_error = None
-        self._log_z_deferred = 0
-        self._log_z_deferred_drift = None
+        self._reset_log_z_stats()
         self._reset_sampler_stats()
 
     # -------------------------------------------------------------- optimizer
