@@ -32,7 +32,13 @@ import time
 
 import torch
 
-from scqbm.prior import BoltzmannPrior, enumerate_states, exact_distribution, exact_log_partition
+from scqbm.prior import (
+    BoltzmannPrior,
+    boltzmann_energy,
+    enumerate_states,
+    exact_distribution,
+    exact_log_partition,
+)
 
 _ROWS_PER_CHUNK = 1024
 
@@ -48,9 +54,9 @@ def split_exact(h: torch.Tensor, W: torch.Tensor) -> tuple[float, float, torch.T
     h, W = h.double(), W.double()
     a = enumerate_states(k, dtype=torch.float64)
     b = enumerate_states(n - k, dtype=torch.float64)
-    # -E(z) = h.z + z'Wz split into the halves' own terms and the cross term 2 a'W_ab b.
-    own_a = a @ h[:k] + ((a @ W[:k, :k]) * a).sum(1)
-    own_b = b @ h[k:] + ((b @ W[k:, k:]) * b).sum(1)
+    # -E(z) = h.z + z'Wz split into the halves' own energies and the cross term 2 a'W_ab b.
+    own_a = -boltzmann_energy(a, h[:k], W[:k, :k])
+    own_b = -boltzmann_energy(b, h[k:], W[k:, k:])
     cross = 2.0 * (a @ W[:k, k:])
     top = -math.inf
     mass = torch.zeros((), dtype=torch.float64)
