@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -102,3 +103,15 @@ def test_auto_uses_ais_beyond_enumeration():
     assert estimate.method == "ais"
     # Weak couplings: log Z is close to that of the factorial machine, 26 log 2.
     assert estimate.value == pytest.approx(26 * math.log(2), abs=0.5)
+
+
+@pytest.mark.parametrize("inference", [True, False])
+def test_exact_value_builds_no_graph(inference):
+    # A query under inference mode leaves it for the cached states; grad mode must stay off,
+    # or torch warns about converting a tensor that requires grad (seen with the RBM default).
+    prior = BoltzmannPrior(32, "rbm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.inference_mode(inference):
+            estimate = prior.log_partition("auto")
+    assert estimate.method == "exact"

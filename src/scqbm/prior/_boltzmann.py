@@ -240,8 +240,9 @@ class BoltzmannPrior(nn.Module):
         if method not in ("auto", "exact", "ais"):
             raise ValueError(f"`method` must be 'auto', 'exact' or 'ais', got {method!r}.")
         # Outside inference mode even for queries: the enumerated states are cached and must
-        # stay usable by later differentiable computations.
-        with torch.inference_mode(False):
+        # stay usable by later differentiable computations. Leaving inference mode turns grad
+        # mode back on: no_grad again, so that no graph is built for a value.
+        with torch.inference_mode(False), torch.no_grad():
             if method == "exact" or (method == "auto" and self.can_enumerate()):
                 return LogPartitionEstimate(float(self.log_partition_exact()), 0.0, "exact")
             return ais_log_partition(
