@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import random_problem
 
 from scqbm.prior import (
@@ -115,3 +116,39 @@ def test_exact_value_builds_no_graph(inference):
         with torch.inference_mode(inference):
             estimate = prior.log_partition("auto")
     assert estimate.method == "exact"
+
+
+def _summed_out_log_z(h, W, n_visible):
+    # The textbook form of the RBM's exact log Z, in float64: every state of the first side,
+    # the second summed out with softplus (no split into halves, no chunks).
+    h, W = h.double(), W.double()
+    states = enumerate_states(n_visible, dtype=torch.float64)
+    fields = h[n_visible:] + 2.0 * states @ W[:n_visible, n_visible:]
+    return torch.logsumexp(states @ h[:n_visible] + F.softplus(fields).sum(-1), 0)
+
+
+@pytest.mark.parametrize("n,n_visible", [(36, 18), (23, 1), (30, 19)])
+def test_rbm_exact_log_partition_in_halves_and_chunks(n, n_visible):
+    # 2^18 states span several chunks; a 1-unit side has an empty lower half; a 19/11 split
+    # enumerates the second side.
+    prior = BoltzmannPrior(n, "rbm", n_visible=n_visible, init_scale=0.4)
+    with torch.no_grad():
+        prior.h.normal_(0.0, 0.7)
+    h, W = prior.h.detach(), prior.coupling_matrix().detach()
+    if n_visible > n - n_visible:  # the formula enumerates the first side: swap the sides
+        order = torch.cat([torch.arange(n_visible, n), torch.arange(n_visible)])
+        h, W, n_visible = h[order], W[order][:, order], n - n_visible
+    expected = _summed_out_log_z(h, W, n_visible)
+    assert prior.log_partition_exact().item() == pytest.approx(expected.item(), abs=2e-4)
+
+
+def test_rbm_exact_log_partition_gradient_is_the_exact_moments():
+    prior = random_problem(13, "rbm", scale=0.7, seed=5)
+    log_z = prior.log_partition_exact()
+    grad_h, grad_couplings = torch.autograd.grad(log_z, [prior.h, prior.couplings])
+    states, probs = exact_distribution(prior.h.detach(), prior.coupling_matrix().detach())
+    assert torch.allclose(grad_h, probs @ states, atol=1e-5)
+    # E(z) = -h.z - 2 v'B o: d log Z / d B_ij = 2 E_p[v_i o_j].
+    nv = prior.n_visible
+    moments = states[:, :nv].T @ (probs[:, None] * states[:, nv:])
+    assert torch.allclose(grad_couplings.reshape(nv, -1), 2.0 * moments, atol=1e-5)
