@@ -61,7 +61,7 @@ def test_training_history_and_repr(trained, capsys):
     assert trained.get_log_partition().value == pytest.approx(exact, abs=1e-4)
     print(trained)  # scvi prints the summary with rich, like SCVI
     text = capsys.readouterr().out
-    assert "QBMVAE" in text and "prior: bm" in text and "Training status: Trained" in text
+    assert "QBMVAE" in text and "prior: rbm" in text and "Training status: Trained" in text
 
 
 def test_latent_representation_variants(trained, adata):

@@ -61,7 +61,9 @@ def _add_integrate(subparsers) -> None:
     p.add_argument(
         "--n-latent", type=int, default=32, help="Binary latent units (default: %(default)s)."
     )
-    p.add_argument("--prior", choices=["bm", "rbm"], default="bm")
+    p.add_argument(
+        "--prior", choices=["bm", "rbm"], default="rbm", help="Prior (default: %(default)s)."
+    )
     p.add_argument("--relaxation", choices=["spike_exp", "overlapping_exp"], default="spike_exp")
     p.add_argument(
         "--gene-likelihood", choices=["zinb", "nb", "poisson", "normal"], default="zinb"

@@ -46,6 +46,7 @@ def main(out: Path, n_latent: int, accelerator: str = "cpu") -> None:
         adata,
         n_hidden=16,
         n_latent=n_latent,
+        prior="bm",  # dense: beyond 20 units its log Z is AIS, pooled over the ranks
         sampler_kwargs={"num_chains": 32, "burn_in": 5},
         ais_kwargs={"n_chains": 32, "n_betas": 20, "final_n_chains": 64, "final_n_betas": 20},
     )

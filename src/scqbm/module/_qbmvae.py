@@ -75,7 +75,7 @@ class QBMVAEModule(VAE):
         self,
         n_input: int,
         n_latent: int = 32,
-        prior: Literal["bm", "rbm", "factorial"] = "bm",
+        prior: Literal["bm", "rbm", "factorial"] = "rbm",
         n_visible: int | None = None,
         relaxation: Literal["spike_exp", "overlapping_exp"] = "spike_exp",
         beta: float = 3.0,
