@@ -309,3 +309,40 @@ def test_training_regimes_and_resume(tmp_path, monkeypatch):
     assert list(out.history.index) == [0, 1, 2]
     assert out.info["epochs"] == 3
     assert not (run_dir / "last.ckpt").exists() and (run_dir / "model" / "model.pt").exists()
+
+
+def test_de_task_scores_a_trained_model_on_its_markers():
+    import scvi
+
+    from scqbm import QBMVAE
+    from scqbm.benchmark import BenchmarkDataset, model_de_metrics
+    from scqbm.benchmark._methods import _model_adata
+
+    adata = simulate(n_cells=300, n_genes=80, n_markers=6, marker_lfc=3.0, seed=0)
+    markers = {
+        t: list(adata.var_names[adata.var["program"] == f"marker_{t}"][:2])
+        for t in ("type_0", "type_1")
+    }
+    data = BenchmarkDataset(
+        name="toy",
+        adata=adata,
+        batch_key="batch",
+        label_key="cell_type",
+        description="toy",
+        markers=markers,
+    )
+    scvi.settings.seed = 0
+    work = _model_adata(adata)
+    QBMVAE.setup_anndata(work, batch_key="batch")
+    model = QBMVAE(work, n_latent=8)
+    model.train(max_epochs=40, batch_size=64, enable_progress_bar=False)
+    first = model_de_metrics(model, data, seed=3)
+    # Seeded: the same model scores the same twice.
+    assert model_de_metrics(model, data, seed=3) == first
+    for t in markers:
+        # Strong simulated markers lead their type's 1-vs-all comparison.
+        assert first[f"rank_lfc[{t}]"] <= 10 and first[f"rank_bf[{t}]"] <= 10
+        assert first[f"n_fdr[{t}]"] >= 1
+    types = adata.obs["cell_type"].unique()
+    assert first["n_fdr_total"] == sum(first[f"n_fdr[{t}]"] for t in types)
+    assert first["n_types_top20_lfc"] == 2

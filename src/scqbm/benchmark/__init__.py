@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ._cli import add_benchmark_arguments, run_benchmark
 from ._data import DATASETS, BenchmarkDataset, load_dataset
-from ._de import KANG_MARKERS, de_marker_metrics, marker_ranks
+from ._de import KANG_MARKERS, de_marker_metrics, marker_ranks, model_de_metrics
 from ._integration import aggregate_scib, scib_metrics_for_embedding
 from ._methods import (
     DEFAULT_METHODS,
@@ -52,6 +52,7 @@ __all__ = [
     "gaussian_ablation_kwargs",
     "load_dataset",
     "marker_ranks",
+    "model_de_metrics",
     "per_cell_elbo_terms",
     "rare_cell_metrics",
     "resolve_method",

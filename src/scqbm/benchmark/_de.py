@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["KANG_MARKERS", "de_marker_metrics", "marker_ranks"]
+__all__ = ["KANG_MARKERS", "de_marker_metrics", "marker_ranks", "model_de_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +73,14 @@ def de_marker_metrics(
     every 1-vs-all comparison, ``median_rank_lfc`` / ``median_rank_bf`` are the medians of the
     best rank per type.
     """
+    model, _ = _load_model(Path(model_dir), data.adata, data.batch_key)
+    return model_de_metrics(model, data, seed=seed, batch_size=batch_size)
+
+
+def model_de_metrics(model, data, seed: int = 0, batch_size: int = 1024) -> dict[str, float]:
+    """The metrics of :func:`de_marker_metrics` for a model in memory, set up on ``data``."""
     import torch
 
-    model, _ = _load_model(Path(model_dir), data.adata, data.batch_key)
     torch.manual_seed(seed)
     np.random.seed(seed)  # noqa: NPY002 (scvi's DE draws cell pairs from numpy's global state)
     de = model.differential_expression(
