@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -14,8 +15,11 @@ from scqbm.prior import (
     BoltzmannPrior,
     LatentTooLargeError,
     ais_log_partition,
+    bipartite_energy,
+    boltzmann_energy,
     enumerate_states,
     exact_distribution,
+    gibbs_sweep,
 )
 
 
@@ -45,6 +49,56 @@ def test_energy_matches_definition_pairwise_sum():
     pairwise = sum(2 * W[i, j] * z[:, i] * z[:, j] for i in range(7) for j in range(i + 1, 7))
     expected = -(z @ prior.h.double()) - pairwise
     assert torch.allclose(prior.energy(z.float()).double(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_visible", [3, 5, 8])
+def test_rbm_block_energy_is_the_dense_energy(n_visible):
+    # Every state of an uneven split, and probabilities with a leading sample dimension.
+    prior = BoltzmannPrior(11, structure="rbm", n_visible=n_visible, init_scale=0.7)
+    with torch.no_grad():
+        prior.h.normal_()
+    W = prior.coupling_matrix()
+    states = enumerate_states(11)
+    assert torch.allclose(prior.energy(states), boltzmann_energy(states, prior.h, W), atol=1e-5)
+    probs = torch.rand(4, 6, 11)
+    block = bipartite_energy(probs, prior.h, prior.coupling_block())
+    assert torch.allclose(block, boltzmann_energy(probs, prior.h, W), atol=1e-5)
+    assert BoltzmannPrior(6, structure="bm").coupling_block() is None
+
+
+def test_rbm_log_z_ratio_uses_the_parameter_change_of_the_dense_energy():
+    prior = random_problem(12, "rbm", scale=0.4, seed=2)
+    prior.log_partition_method = "ais"
+    prior.refresh(n_chains=64, n_betas=20)
+    h_ref, W_ref = prior.h.detach().clone(), prior.coupling_matrix().detach().clone()
+    with torch.no_grad():
+        prior.h.add_(0.03)
+        prior.couplings.mul_(1.05)
+    samples = torch.rand(200, 12).round()
+    log_w = boltzmann_energy(samples, prior.h, prior.coupling_matrix())
+    log_w = log_w - boltzmann_energy(samples, h_ref, W_ref)
+    expected = torch.logsumexp(log_w.detach(), 0) - math.log(200)
+    assert prior.log_z_ratio(samples).value == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_rbm_ais_is_the_generic_path_with_the_same_random_numbers():
+    # The RBM's fused loop must give the weights of the generic one: E_b with the dense W and
+    # a block Gibbs sweep at each b, drawing the same uniforms in the same order.
+    prior = random_problem(14, "rbm", scale=0.6, seed=5)
+    h, W, nv = prior.h.detach(), prior.coupling_matrix().detach(), prior.n_visible
+    n_chains, n_betas = 64, 50
+    generator = torch.Generator().manual_seed(7)
+    z = (torch.rand(n_chains, 14, generator=generator) < torch.sigmoid(h)).float()
+    log_w = torch.zeros(n_chains)
+    betas = torch.linspace(0.0, 1.0, n_betas + 1).tolist()
+    for b_prev, b in itertools.pairwise(betas):
+        log_w -= (b - b_prev) * boltzmann_energy(z, torch.zeros_like(h), W)
+        z = gibbs_sweep(z, h, W, nv, coupling_scale=b, generator=generator)
+    expected = F.softplus(h).sum() + torch.logsumexp(log_w, 0) - math.log(n_chains)
+    fused = ais_log_partition(
+        h, W, nv, n_chains=n_chains, n_betas=n_betas, generator=torch.Generator().manual_seed(7)
+    )
+    assert fused.value == pytest.approx(float(expected), abs=1e-4)
 
 
 @pytest.mark.parametrize("structure,n", [("bm", 12), ("rbm", 14), ("rbm", 9)])

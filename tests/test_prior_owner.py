@@ -105,6 +105,32 @@ def test_drift_bound_holds_for_random_moves(structure):
         assert abs(after - before) <= prior.log_z_drift() + 1e-5
 
 
+@pytest.mark.parametrize("structure", ["bm", "rbm"])
+def test_drift_bound_is_the_larger_one_sided_sum_and_can_be_attained(structure):
+    prior = random_problem(8, structure, scale=0.5, seed=1)
+    prior.refresh()
+    dh = torch.tensor([0.2, -0.1, 0.05, -0.3, 0.0, 0.1, -0.05, 0.2])
+    dc = 0.01 * torch.randn(prior.couplings.shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        prior.h.add_(dh)
+        prior.couplings.add_(dc)
+    coefficients = torch.cat([dh, 2.0 * dc.reshape(-1)])
+    up, down = coefficients.clamp(min=0).sum(), -coefficients.clamp(max=0).sum()
+    assert prior.log_z_drift() == pytest.approx(float(max(up, down)), abs=1e-6)
+    assert prior.log_z_drift() < float(coefficients.abs().sum())
+    # Attained in the limit where the reference puts all its mass on the all-ones state and
+    # every coefficient grows: log Z then moves by the whole positive sum.
+    sharp = BoltzmannPrior(6, structure=structure, init_scale=0.0)
+    with torch.no_grad():
+        sharp.h.fill_(30.0)
+    sharp.refresh()
+    with torch.no_grad():
+        sharp.h.add_(0.1)
+        sharp.couplings.add_(0.05)
+    moved = exact_log_partition(sharp.h, sharp.coupling_matrix(), sharp.n_visible).item()
+    assert moved - float(sharp.log_z) == pytest.approx(sharp.log_z_drift(), rel=1e-4)
+
+
 def _exact_samples(prior: BoltzmannPrior, n: int, generator: torch.Generator) -> torch.Tensor:
     states, probs = exact_distribution(prior.h.detach(), prior.coupling_matrix().detach())
     return states[torch.multinomial(probs, n, replacement=True, generator=generator)]

@@ -1,7 +1,7 @@
 """Boltzmann-machine priors: energies, exact and annealed estimates of log Z, Gibbs kernels."""
 
 from ._boltzmann import LOG_Z_MIN_ESS, LOG_Z_TOLERANCE, PRIOR_STRUCTURES, BoltzmannPrior
-from ._energy import boltzmann_energy
+from ._energy import bipartite_energy, boltzmann_energy
 from ._gibbs_kernels import bipartite_gibbs_sweep, dense_gibbs_sweep, gibbs_sweep
 from ._log_partition import (
     AIS_FINAL_N_BETAS,
@@ -32,6 +32,7 @@ __all__ = [
     "LatentTooLargeError",
     "LogPartitionEstimate",
     "ais_log_partition",
+    "bipartite_energy",
     "bipartite_gibbs_sweep",
     "boltzmann_energy",
     "dense_gibbs_sweep",

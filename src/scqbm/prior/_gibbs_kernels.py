@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 
-def _bernoulli(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def sample_bernoulli(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Independent Bernoulli draws with the given logits (one uniform per unit)."""
     uniform = torch.rand(
         logits.shape, generator=generator, device=logits.device, dtype=logits.dtype
     )
@@ -265,8 +266,8 @@ def bipartite_gibbs_sweep(
     visible, hidden = z[:, :n_visible], z[:, n_visible:]
     B = W[:n_visible, n_visible:]
     coupling = 2.0 * coupling_scale
-    hidden = _bernoulli(field_scale * h[n_visible:] + coupling * (visible @ B), generator)
-    visible = _bernoulli(field_scale * h[:n_visible] + coupling * (hidden @ B.T), generator)
+    hidden = sample_bernoulli(field_scale * h[n_visible:] + coupling * (visible @ B), generator)
+    visible = sample_bernoulli(field_scale * h[:n_visible] + coupling * (hidden @ B.T), generator)
     return torch.cat([visible, hidden], dim=-1)
 
 
