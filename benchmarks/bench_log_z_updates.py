@@ -9,13 +9,17 @@ time of ``train``, cells/s and the ratio to scVI, and for QBMVAE the number of A
 and importance-sampling updates of log Z, and the largest gap between an updated log Z and
 the next fresh AIS estimate (``log_z_update_error``), and the AIS refreshes that the time
 budget deferred (``log_z_refresh_budget``) with the largest drift a logged loss carried.
-``--n-latent`` trains a wider QBMVAE (scVI keeps its defaults).
+``--n-latent`` trains a wider QBMVAE (scVI keeps its defaults unless ``--scvi-n-latent``
+gives it the same width: the cost of a wide latent itself, in the encoder's head and the
+decoder's first layer, is then on both sides, and the ratio is what the Boltzmann prior
+costs).
 
 Usage::
 
     python benchmarks/bench_log_z_updates.py | tee benchmarks/results/log_z_updates.log
     python benchmarks/bench_log_z_updates.py --max-updates 0 --max-epochs 40
     python benchmarks/bench_log_z_updates.py --n-latent 256 --refresh-budget none
+    python benchmarks/bench_log_z_updates.py --n-latent 256 --scvi-n-latent 256
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ def _fit(which: str, args: argparse.Namespace) -> dict:
         kwargs["max_epochs"] = args.max_epochs
     if which == "scvi":
         scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
-        model = scvi.model.SCVI(adata)
+        width = {} if args.scvi_n_latent is None else {"n_latent": args.scvi_n_latent}
+        model = scvi.model.SCVI(adata, **width)
     else:
         scqbm.QBMVAE.setup_anndata(adata, batch_key="batch")
         width = {} if args.n_latent is None else {"n_latent": args.n_latent}
@@ -91,6 +96,9 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--n-latent", type=int, default=None, help="QBMVAE's (default: its own)")
     parser.add_argument(
+        "--scvi-n-latent", type=int, default=None, help="scVI's (default: its own, 10)"
+    )
+    parser.add_argument(
         "--refresh-budget", default="default", help="log_z_refresh_budget: a share, or 'none'"
     )
     args = parser.parse_args()
@@ -111,6 +119,7 @@ def main() -> None:
         print(json.dumps(results[which]))
     print(
         f"throughput ratio QBMVAE / scVI: {ratio:.2f}x (n_latent={args.n_latent}, "
+        f"scvi_n_latent={args.scvi_n_latent}, "
         f"log_z_max_updates={args.max_updates}, log_z_refresh_budget={args.refresh_budget})"
     )
 
