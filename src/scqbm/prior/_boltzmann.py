@@ -318,9 +318,9 @@ class BoltzmannPrior(nn.Module):
         sum_{i<j} 2 dW_ij z_i z_j`` (each free coupling stands for the pair ``W_ij = W_ji``)
         is at most the sum ``P`` of the positive coefficients and at least minus the sum
         ``N`` of the negative ones' magnitudes, so ``|d log Z| <= max(P, N)``: a rigorous
-        bound, half the ``P + N`` of the plain absolute sum when the parameters move both
-        ways (as Adam's steps do), which halves an exact log Z's refreshes. It holds for
-        every state and is what an exact log Z is refreshed by.
+        bound, about half the ``P + N`` of the plain absolute sum when the parameters move
+        both ways (as Adam's steps do), so about half as many drift-triggered refreshes of an
+        exact log Z. It holds for every state and is what an exact log Z is refreshed by.
 
         With ``samples`` of the current prior (the negative phase) and an AIS log Z, a loose
         bound (large priors move by more than the tolerance every step in the bound's worst

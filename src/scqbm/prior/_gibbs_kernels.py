@@ -263,12 +263,37 @@ def bipartite_gibbs_sweep(
     Units ``[0, n_visible)`` form one side and ``[n_visible, n)`` the other; ``W`` has non-zero
     entries only between the sides, so each side is conditionally independent given the other.
     """
-    visible, hidden = z[:, :n_visible], z[:, n_visible:]
     B = W[:n_visible, n_visible:]
-    coupling = 2.0 * coupling_scale
-    hidden = sample_bernoulli(field_scale * h[n_visible:] + coupling * (visible @ B), generator)
-    visible = sample_bernoulli(field_scale * h[:n_visible] + coupling * (hidden @ B.T), generator)
+    visible, hidden = bipartite_half_sweeps(
+        z[:, :n_visible] @ B,
+        h,
+        B,
+        field_scale=field_scale,
+        coupling_scale=coupling_scale,
+        generator=generator,
+    )
     return torch.cat([visible, hidden], dim=-1)
+
+
+def bipartite_half_sweeps(
+    visible_fields: torch.Tensor,
+    h: torch.Tensor,
+    B: torch.Tensor,
+    *,
+    field_scale: float | torch.Tensor = 1.0,
+    coupling_scale: float | torch.Tensor = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two block updates of an RBM sweep, given the visible side's product ``v @ B``.
+
+    Returns the new ``(visible, hidden)`` sides. Taking the product rather than ``v`` lets
+    AIS reuse it for its weight (:func:`~scqbm.prior.ais_log_partition`).
+    """
+    n_visible = B.shape[0]
+    coupling = 2.0 * coupling_scale
+    hidden = sample_bernoulli(field_scale * h[n_visible:] + coupling * visible_fields, generator)
+    visible = sample_bernoulli(field_scale * h[:n_visible] + coupling * (hidden @ B.T), generator)
+    return visible, hidden
 
 
 def gibbs_sweep(

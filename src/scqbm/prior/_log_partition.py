@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ._energy import boltzmann_energy
-from ._gibbs_kernels import gibbs_sweep, sample_bernoulli
+from ._gibbs_kernels import bipartite_half_sweeps, gibbs_sweep
 
 #: Largest number of enumerated units (2**20 states, a few hundred MB at most in chunks). The
 #: one limit of exact enumeration in the package; other limits derive from it.
@@ -206,7 +206,7 @@ def ais_log_partition(
         for b_prev, b in steps:
             # The coupling part of -E(z), the only part the path scales.
             log_w -= (b - b_prev) * boltzmann_energy(z, no_fields, W)
-            z = gibbs_sweep(z, h, W, n_visible, coupling_scale=b, generator=generator)
+            z = gibbs_sweep(z, h, W, coupling_scale=b, generator=generator)
     log_z0 = F.softplus(h).sum()
     log_mean_w, stderr = log_mean_weight(log_w)
     return LogPartitionEstimate(float(log_z0 + log_mean_w), float(stderr), "ais")
@@ -221,12 +221,12 @@ def _bipartite_ais_path(z, h, B, log_w, steps, generator) -> None:
     """
     n_visible = B.shape[0]
     visible, hidden = z[:, :n_visible], z[:, n_visible:]
-    h_visible, h_hidden = h[:n_visible], h[n_visible:]
     for b_prev, b in steps:
         visible_fields = visible @ B
         log_w += (b - b_prev) * 2.0 * (visible_fields * hidden).sum(-1)
-        hidden = sample_bernoulli(h_hidden + (2.0 * b) * visible_fields, generator)
-        visible = sample_bernoulli(h_visible + (2.0 * b) * (hidden @ B.T), generator)
+        visible, hidden = bipartite_half_sweeps(
+            visible_fields, h, B, coupling_scale=b, generator=generator
+        )
 
 
 def log_mean_weight(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
